@@ -1,0 +1,181 @@
+"""optimize(model, config) -> CladaModel: the rewritten prefill/decode graphs, compiled, plus the
+host-visible state the controller drives between calls (thresholds, active sets).
+
+Thresholds and compacted weights are graph INPUTS held in tensors this module owns; setting them
+copies into those tensors in place, so neither a new threshold nor a re-selection recompiles.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import CladaConfig
+from .graphs import CladaGraphs, build_graphs
+from .passes import materialize
+
+
+def _impl_for(config: CladaConfig) -> str:
+    if not config.enabled or not config.uses_threshold:
+        return "dense"
+    return config.kernel
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions of the last `length` tokens; left padding does not advance the position."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_min(0)[:, -length:]
+
+
+class CladaModel(nn.Module):
+    def __init__(self, model, graphs: CladaGraphs, config: CladaConfig, tokenizer=None):
+        super().__init__()
+        self.hf_model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.graphs = graphs
+        self.n_layers = graphs.n_layers
+        self.impl = graphs.impl
+        pre = graphs.prefill
+        self.full = []
+        for site in pre.sites:
+            w_in, b_in, w_up, b_up, w_down, _ = (materialize(pre.gm, a) for a in site.args)
+            self.full.append(dict(w_in=w_in.detach(), b_in=None if b_in is None else b_in.detach(),
+                                  w_up=None if w_up is None else w_up.detach(),
+                                  b_up=None if b_up is None else b_up.detach(), w_down=w_down.detach()))
+        self.d_ff = [f["w_in"].shape[0] for f in self.full]
+        ratio = config.top_k_ratio if config.enabled else 1.0
+        self.k = [min(d, max(config.min_active_neurons, round(ratio * d))) for d in self.d_ff]
+        dtype = self.full[0]["w_in"].dtype
+        self.taus = torch.zeros(self.n_layers, dtype=torch.float32)
+        self.compact = []
+        for f, k in zip(self.full, self.k):
+            d_model = f["w_in"].shape[1]
+            buf = dict(w_in=torch.empty(k, d_model, dtype=dtype), w_down_t=torch.empty(k, f["w_down"].shape[0], dtype=dtype))
+            if f["b_in"] is not None:
+                buf["b_in"] = torch.empty(k, dtype=dtype)
+            if f["w_up"] is not None:
+                buf["w_up"] = torch.empty(k, d_model, dtype=dtype)
+            if f["b_up"] is not None:
+                buf["b_up"] = torch.empty(k, dtype=dtype)
+            self.compact.append(buf)
+        # decode graph inputs after the KV cache: clada.tau, then clada.L.<key> in graph order
+        names = graphs.decode.input_names
+        first = names.index("clada.tau")
+        self._decode_weights = []
+        for name in names[first + 1:]:
+            _, layer, key = name.split(".")
+            self._decode_weights.append(self.compact[int(layer)][key])
+        self.active = [None] * self.n_layers
+        for layer in range(self.n_layers):
+            self.set_active(layer, torch.arange(self.k[layer]))
+        self._prefill_fn = self._compile(pre.gm)
+        self._decode_fn = self._compile(graphs.decode.gm)
+
+    def _compile(self, gm):
+        if self.config.backend == "eager":
+            return gm
+        return torch.compile(gm, backend="inductor", fullgraph=True)
+
+    # ---- host-side state -------------------------------------------------------------------
+    @torch.no_grad()
+    def set_thresholds(self, taus) -> None:
+        taus = torch.as_tensor(taus, dtype=torch.float32).reshape(-1)
+        if taus.numel() != self.n_layers:
+            raise ValueError(f"`taus` must have one value per layer ({self.n_layers}), got {taus.numel()}")
+        if not torch.isfinite(taus).all() or (taus < 0).any():
+            raise ValueError(f"`taus` must be finite and >= 0, got {taus.tolist()}")
+        self.taus.copy_(taus)
+
+    @torch.no_grad()
+    def set_active(self, layer: int, indices: torch.Tensor) -> None:
+        """Make `indices` (k neuron ids of layer `layer`) the active set: compact weights in place."""
+        idx = torch.as_tensor(indices, dtype=torch.long).sort().values
+        k, d_ff = self.k[layer], self.d_ff[layer]
+        if idx.numel() != k or idx.unique().numel() != k or idx.min() < 0 or idx.max() >= d_ff:
+            raise ValueError(f"layer {layer}: `indices` must be {k} distinct neuron ids in [0, {d_ff}), "
+                             f"got {idx.numel()} ids")
+        f, buf = self.full[layer], self.compact[layer]
+        torch.index_select(f["w_in"], 0, idx, out=buf["w_in"])
+        buf["w_down_t"].copy_(torch.index_select(f["w_down"], 1, idx).t())
+        for key in ("b_in", "w_up", "b_up"):
+            if key in buf:
+                torch.index_select(f[key], 0, idx, out=buf[key])
+        self.active[layer] = idx
+
+    def select(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Top-k neurons per layer from Griffin scores (B, d_ff); a batch shares one active set
+        chosen from the sum of its sequences' scores (the compacted weights are per graph)."""
+        chosen = []
+        for layer, s in enumerate(scores):
+            s = s.float().reshape(-1, self.d_ff[layer]).sum(0)
+            idx = torch.topk(s, self.k[layer]).indices
+            self.set_active(layer, idx)
+            chosen.append(self.active[layer])
+        return chosen
+
+    # ---- graph calls -----------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids, attention_mask=None, taus=None):
+        """Full-weight pass over a prompt -> (logits, presents, scores per layer)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pos = position_ids_from_mask(attention_mask, input_ids.shape[1])
+        taus = self.taus if taus is None else taus
+        out = self._prefill_fn(input_ids, attention_mask, pos, taus)
+        n = self.n_layers
+        return out[0], list(out[1:1 + 2 * n]), list(out[1 + 2 * n:])
+
+    @torch.no_grad()
+    def decode(self, input_ids, attention_mask, past):
+        """Compacted-weight step(s) on top of a KV cache -> (logits, presents)."""
+        pos = position_ids_from_mask(attention_mask, input_ids.shape[1])
+        # the cache grows every step: compile its length as symbolic from the first call instead of
+        # specializing on it and recompiling at step two (batch and step width stay static)
+        for t in past:
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
+        out = self._decode_fn(input_ids, attention_mask, pos, *past, self.taus, *self._decode_weights)
+        return out[0], list(out[1:])
+
+    def forward(self, input_ids, attention_mask=None):
+        """Logits like the HF model's, through the prefill graph with the current thresholds."""
+        return self.prefill(input_ids, attention_mask)[0]
+
+    def generate(self, input_ids, **kwargs):
+        from .runtime import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    def rewrite_summary(self) -> str:
+        lines = [f"architecture: {self.graphs.arch}, layers: {self.n_layers}"]
+        lines += [f"  {name}: {count}" for name, count in self.graphs.rewrites.items()]
+        s = self.graphs.prefill.sites
+        kinds = sorted({f"{x.kind}/{x.act}" for x in s})
+        lines.append(f"MLPs rewritten: {len(s)}/{self.n_layers} ({', '.join(kinds)}); d_ff={self.d_ff[0]}, "
+                     f"k={self.k[0]}, decode impl={self.impl}, backend={self.config.backend}")
+        return "\n".join(lines)
+
+
+def optimize(model, config: CladaConfig | None = None, tokenizer=None) -> CladaModel:
+    """Rewrite every MLP of `model` into a clada sparse block and compile it.
+
+    model: a Hugging Face causal LM (see SUPPORTED_ARCHITECTURES). Raises ValueError for an
+    unknown architecture and UnmatchedMLPError when an MLP does not match a supported pattern.
+    """
+    config = config or CladaConfig()
+    if not isinstance(config, CladaConfig):
+        raise TypeError(f"`config` must be a CladaConfig, got {type(config).__name__}")
+    model.eval()
+    impl = _impl_for(config)
+    if impl in ("auto", "cpp"):
+        from . import kernels
+
+        kernels.load_cpu_extension()  # fail now, with the fix named, rather than mid-generation
+    graphs = build_graphs(model, impl)
+    clada = CladaModel(model, graphs, config, tokenizer)
+    if config.profile is not None:
+        from .calibrate import apply_profile
+
+        apply_profile(clada, config.profile)
+    return clada

@@ -1,0 +1,116 @@
+"""CladaConfig: the one validated, frozen configuration of clada_compile.
+
+Field names mirror the seed's command-line flags so a config and a CLI invocation read the same.
+Presets (``CladaConfig.preset(name)``) name the configurations the benchmarks compare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+BACKENDS = ("inductor", "eager")
+KERNELS = ("auto", "cpp", "reference")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("static", "clada")
+
+
+def _check_range(name: str, value, lo, hi, lo_open=False, hi_open=False):
+    bad = (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or math.isnan(value)
+        or (value <= lo if lo_open else value < lo)
+        or (value >= hi if hi_open else value > hi)
+    )
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ValueError(f"`{name}` must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+
+def _check_choice(name: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CladaConfig:
+    """How sparse each MLP runs and how the controller moves it.
+
+    top_k_ratio: fraction of each MLP's neurons kept in the per-sequence backbone (Griffin).
+    min_active_neurons: floor on the backbone size k.
+    surprisal_threshold / entropy_threshold: percentiles (0..1) of the recent window above which
+        a token counts as high-load on that signal (CLADA's AND rule needs both).
+    update_window: tokens per controller window (thresholds refresh, high-load check).
+    target_active: fraction of backbone neurons the per-token threshold keeps on average;
+        1.0 disables the per-token threshold (tau = 0). Needs a calibration profile to be < 1.
+    profile: path of a calibration profile JSON (clada-calibrate) with per-layer base thresholds.
+    schedule: "static" (tau = base) or "clada" (tau scaled by cognitive load every step).
+    high_load_scale / low_load_scale: tau multipliers for the "clada" schedule.
+    reselect: re-select the backbone on high-load events.
+    enabled: False runs the dense model through the same graphs (baseline).
+    backend: "inductor" (torch.compile) or "eager" (the rewritten graph run as Python, for debugging).
+    kernel: "auto" (C++/Triton sparse GEMV when available, error if the build fails),
+        "cpp" (require the C++ kernel), "reference" (masked dense matmul everywhere).
+    """
+
+    top_k_ratio: float = 1.0
+    min_active_neurons: int = 16
+    surprisal_threshold: float = 0.7
+    entropy_threshold: float = 0.7
+    update_window: int = 10
+    target_active: float = 1.0
+    profile: str | None = None
+    schedule: str = "static"
+    high_load_scale: float = 0.5
+    low_load_scale: float = 1.0
+    reselect: bool = False
+    enabled: bool = True
+    backend: str = "inductor"
+    kernel: str = "auto"
+    precision: str = "fp32"
+    low_memory_mode: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_range("top_k_ratio", self.top_k_ratio, 0, 1, lo_open=True)
+        if not isinstance(self.min_active_neurons, int) or self.min_active_neurons < 1:
+            raise ValueError(f"`min_active_neurons` must be an integer >= 1, got {self.min_active_neurons!r}")
+        _check_range("surprisal_threshold", self.surprisal_threshold, 0, 1)
+        _check_range("entropy_threshold", self.entropy_threshold, 0, 1)
+        if not isinstance(self.update_window, int) or self.update_window < 2:
+            raise ValueError(f"`update_window` must be an integer >= 2, got {self.update_window!r}")
+        _check_range("target_active", self.target_active, 0, 1, lo_open=True)
+        _check_range("high_load_scale", self.high_load_scale, 0, 10)
+        _check_range("low_load_scale", self.low_load_scale, 0, 10)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("kernel", self.kernel, KERNELS)
+        _check_choice("precision", self.precision, PRECISIONS)
+
+    def replace(self, **changes) -> "CladaConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def uses_threshold(self) -> bool:
+        return self.enabled and self.target_active < 1.0
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "CladaConfig":
+        """Named configurations: dense, griffin, paper, calibrated."""
+        presets = {
+            # the dense model through the same graphs
+            "dense": dict(enabled=False),
+            # static per-sequence selection only (Griffin): no controller, no per-token threshold
+            "griffin": dict(top_k_ratio=0.5, target_active=1.0, schedule="static", reselect=False),
+            # CLADA as arXiv 2502.19078 configures it
+            "paper": dict(top_k_ratio=0.5, target_active=1.0, schedule="clada", reselect=True,
+                          surprisal_threshold=0.7, entropy_threshold=0.7, update_window=10),
+            # full backbone, calibrated per-token thresholds (needs `profile`)
+            "calibrated": dict(top_k_ratio=1.0, target_active=0.5, schedule="static"),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+        return cls(**{**presets[name], **overrides})

@@ -1,0 +1,113 @@
+"""The clada sparse-MLP custom ops and their reference math.
+
+Two ops, one per phase of generation (see DESIGN.md, "The sparse MLP block"):
+
+  clada::scored_mlp  prefill. Full weights. Returns the MLP output and, per sequence, the Griffin
+                     score of every neuron: rows h_t / ||h_t||, then the L2 norm of each column
+                     over the (unpadded) prompt tokens.
+  clada::sparse_mlp  decode. Compacted weights of the active set (k neurons). w_down arrives
+                     TRANSPOSED (k, d_model), so each neuron's output weights are one contiguous
+                     row: that is the layout the input-sparse GEMV kernel streams.
+
+Both take `tau`, a 1-element tensor that is a graph input: neurons with |h_j| < tau are dropped
+(tau = 0 keeps them all). `impl` picks how the down projection runs:
+  "dense"      plain matmul, no mask (the baseline through the same graph),
+  "reference"  masked dense matmul,
+  "auto"/"cpp" the sparse GEMV kernel when there is exactly one token row (decode, batch 1),
+               the masked matmul otherwise (a GEMM over many rows is compute-bound: skipping
+               rows there saves nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+}
+IMPLS = ("dense", "reference", "auto", "cpp")
+
+
+def _hidden(x, w_in, b_in, w_up, b_up, act: str):
+    h = ACTIVATIONS[act](F.linear(x, w_in, b_in))
+    if w_up is not None:
+        h = h * F.linear(x, w_up, b_up)
+    return h
+
+
+def griffin_scores(h: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S, d_ff) activations -> (B, d_ff) scores over the tokens where token_mask is 1."""
+    hn = h.float() / h.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    hn = hn * token_mask.to(hn.dtype).unsqueeze(-1)
+    return hn.pow(2).sum(dim=1).sqrt()
+
+
+def threshold_mask(h: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    return torch.where(h.abs() >= tau.to(h.dtype), h, torch.zeros((), dtype=h.dtype, device=h.device))
+
+
+@torch.library.custom_op("clada::scored_mlp", mutates_args=())
+def scored_mlp(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_up: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    tau: torch.Tensor,
+    token_mask: torch.Tensor,
+    act: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    h = _hidden(x, w_in, b_in, w_up, b_up, act)
+    # OPT flattens tokens to (B*S, d) before its MLP: token_mask carries the (B, S) layout
+    scores = griffin_scores(h.reshape(*token_mask.shape, h.shape[-1]), token_mask)
+    return F.linear(threshold_mask(h, tau), w_down, b_down), scores
+
+
+@scored_mlp.register_fake
+def _(x, w_in, b_in, w_up, b_up, w_down, b_down, tau, token_mask, act):
+    out = x.new_empty((*x.shape[:-1], w_down.shape[0]))
+    return out, x.new_empty((token_mask.shape[0], w_in.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("clada::sparse_mlp", mutates_args=())
+def sparse_mlp(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_up: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    w_down_t: torch.Tensor,
+    b_down: torch.Tensor | None,
+    tau: torch.Tensor,
+    act: str,
+    impl: str,
+) -> torch.Tensor:
+    h = _hidden(x, w_in, b_in, w_up, b_up, act)
+    if impl == "dense":
+        out = h @ w_down_t
+    elif impl != "reference" and h.numel() == h.shape[-1]:
+        from clada_compile import kernels
+
+        out = kernels.sparse_gemv_t(h, w_down_t, tau.reshape(1).float())
+    else:
+        out = threshold_mask(h, tau) @ w_down_t
+    return out if b_down is None else out + b_down
+
+
+@sparse_mlp.register_fake
+def _(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl):
+    return x.new_empty((*x.shape[:-1], w_down_t.shape[1]))
+
+
+def reference_mlp(x, w_in, b_in, w_up, b_up, w_down, b_down, act, tau=None):
+    """The original MLP (tau None) or its masked variant, in plain torch: what tests compare with."""
+    h = _hidden(x, w_in, b_in, w_up, b_up, act)
+    if tau is not None:
+        h = threshold_mask(h, tau)
+    return F.linear(h, w_down, b_down)

@@ -1,0 +1,132 @@
+"""Lower mlp_site markers to the clada ops and wire their graph inputs and outputs.
+
+lower_prefill: each site -> clada::scored_mlp on the full weights; adds the input `clada.tau`
+               (one threshold per layer) and one output `clada.scores.L` (B, d_ff) per layer.
+lower_decode:  each site -> clada::sparse_mlp on compacted weights that become graph inputs
+               (`clada.L.w_in`, `clada.L.b_in`, `clada.L.w_up`, `clada.L.b_up`, `clada.L.w_down_t`);
+               adds `clada.tau`. The original MLP weights drop out of the decode graph.
+Both return (gm, count) and append to the TracedGraph's name lists in the order they add nodes.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ._match import sites
+
+clada = torch.ops.clada
+
+
+@dataclass
+class MlpSite:
+    """What the host needs to know about one rewritten MLP (layer order)."""
+
+    layer: int
+    kind: str  # "gated" | "plain"
+    act: str
+    path: str
+    has_b_in: bool
+    has_b_up: bool
+    args: tuple  # the marker's weight args (fx nodes) in the prefill graph, for materialize()
+
+
+class UnmatchedMLPError(ValueError):
+    pass
+
+
+def ordered_sites(gm: fx.GraphModule, n_layers: int, arch: str):
+    found = sites(gm.graph)
+    layers = [n.meta.get("clada_layer") for n in found]
+    missing = sorted(set(range(n_layers)) - set(layers))
+    if missing or len(found) != n_layers or len(set(layers)) != len(layers):
+        raise UnmatchedMLPError(
+            f"{arch}: rewrote {len(found)} MLPs for {n_layers} layers; layers without a matched MLP: "
+            f"{missing or 'none'} (matched: {sorted(l for l in layers if l is not None)}). The passes know "
+            "gated (act(x@Wg)*(x@Wu))@Wd and plain act(x@W1)@W2 MLPs with silu/gelu/gelu_tanh/relu; "
+            "this model's MLP is not one of them."
+        )
+    return sorted(found, key=lambda n: n.meta["clada_layer"])
+
+
+def _last_placeholder(graph):
+    return [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+
+def _add_input(traced, graph, name: str, after):
+    with graph.inserting_after(after):
+        node = graph.placeholder(name.replace(".", "_"))
+    traced.input_names.append(name)
+    return node
+
+
+def lower_prefill(traced, n_layers: int, arch: str):
+    gm = traced.gm
+    g = gm.graph
+    found = ordered_sites(gm, n_layers, arch)
+    mask = [n for n in g.nodes if n.op == "placeholder"][1]  # attention_mask, (B, S) at prefill
+    tau = _add_input(traced, g, "clada.tau", _last_placeholder(g))
+    out_node = next(n for n in g.nodes if n.op == "output")
+    scores = []
+    for site in found:
+        layer = site.meta["clada_layer"]
+        x, w_in, b_in, w_up, b_up, w_down, b_down, act = site.args
+        with g.inserting_before(site):
+            t = g.call_function(torch.ops.aten.select.int, (tau, 0, layer))
+            call = g.call_function(clada.scored_mlp.default, (x, w_in, b_in, w_up, b_up, w_down, b_down, t, mask, act))
+            out = g.call_function(operator.getitem, (call, 0))
+            scores.append(g.call_function(operator.getitem, (call, 1)))
+        out.meta.update(site.meta)
+        traced.sites.append(MlpSite(layer, site.meta["clada_kind"], act, site.meta["clada_path"],
+                                    b_in is not None, b_up is not None, (w_in, b_in, w_up, b_up, w_down, b_down)))
+        site.replace_all_uses_with(out)
+        g.erase_node(site)
+    out_node.args = (tuple(out_node.args[0]) + tuple(scores),)
+    traced.output_names += [f"clada.scores.{s.layer}" for s in traced.sites]
+    return gm, len(found)
+
+
+def lower_decode(traced, n_layers: int, arch: str, impl: str):
+    gm = traced.gm
+    g = gm.graph
+    found = ordered_sites(gm, n_layers, arch)
+    last = tau = _add_input(traced, g, "clada.tau", _last_placeholder(g))
+    for site in found:
+        layer = site.meta["clada_layer"]
+        x, w_in, b_in, w_up, b_up, w_down, b_down, act = site.args
+        new = {}
+        for key, present in (("w_in", True), ("b_in", b_in is not None), ("w_up", w_up is not None),
+                             ("b_up", b_up is not None), ("w_down_t", True)):
+            if present:
+                last = new[key] = _add_input(traced, g, f"clada.{layer}.{key}", last)
+        with g.inserting_before(site):
+            t = g.call_function(torch.ops.aten.select.int, (tau, 0, layer))
+            call = g.call_function(clada.sparse_mlp.default, (
+                x, new["w_in"], new.get("b_in"), new.get("w_up"), new.get("b_up"), new["w_down_t"],
+                b_down, t, act, impl))
+        call.meta.update(site.meta)
+        traced.sites.append(MlpSite(layer, site.meta["clada_kind"], act, site.meta["clada_path"],
+                                    b_in is not None, b_up is not None, (w_in, b_in, w_up, b_up, w_down, b_down)))
+        site.replace_all_uses_with(call)
+        g.erase_node(site)
+    return gm, len(found)
+
+
+def materialize(gm: fx.GraphModule, node):
+    """Evaluate a weight expression (get_attr, possibly through t/slice/permute) to a tensor."""
+    if node is None:
+        return None
+    if not isinstance(node, fx.Node):
+        return node
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    if node.op == "call_function":
+        args = [materialize(gm, a) if isinstance(a, fx.Node) else a for a in node.args]
+        return node.target(*args, **node.kwargs)
+    raise ValueError(f"cannot materialize weight node {node.format_node()}")

