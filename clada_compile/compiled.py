@@ -35,7 +35,10 @@ class CladaModel(nn.Module):
         self.config = config
         self.graphs = graphs
         self.n_layers = graphs.n_layers
-        self.impl = graphs.impl
+        self.impl = graphs.impl if config.enabled else "dense"
+        hf_cfg = model.config.get_text_config(decoder=True)
+        self.context_length = getattr(hf_cfg, "max_position_embeddings", None) or getattr(hf_cfg, "n_positions", None)
+        self._dense = None
         pre = graphs.prefill
         self.full = []
         for site in pre.sites:
@@ -60,7 +63,8 @@ class CladaModel(nn.Module):
                 buf["b_up"] = torch.empty(k, dtype=dtype)
             self.compact.append(buf)
         # decode graph inputs after the KV cache: clada.tau, then clada.L.<key> in graph order
-        names = graphs.decode.input_names
+        decode = graphs.decode_for(self.impl)
+        names = decode.input_names
         first = names.index("clada.tau")
         self._decode_weights = []
         for name in names[first + 1:]:
@@ -70,7 +74,7 @@ class CladaModel(nn.Module):
         for layer in range(self.n_layers):
             self.set_active(layer, torch.arange(self.k[layer]))
         self._prefill_fn = self._compile(pre.gm)
-        self._decode_fn = self._compile(graphs.decode.gm)
+        self._decode_fn = self._compile(decode.gm)
 
     def _compile(self, gm):
         if self.config.backend == "eager":
@@ -116,19 +120,24 @@ class CladaModel(nn.Module):
 
     # ---- graph calls -----------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, input_ids, attention_mask=None, taus=None):
-        """Full-weight pass over a prompt -> (logits, presents, scores per layer)."""
+    def prefill(self, input_ids, attention_mask=None, taus=None, score_mask=None):
+        """Full-weight pass over a prompt -> (logits, presents, scores per layer).
+
+        score_mask (B, S): tokens the Griffin scores cover (default: the unpadded tokens)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pos = position_ids_from_mask(attention_mask, input_ids.shape[1])
         taus = self.taus if taus is None else taus
-        out = self._prefill_fn(input_ids, attention_mask, pos, taus)
+        score_mask = attention_mask if score_mask is None else score_mask
+        out = self._prefill_fn(input_ids, attention_mask, pos, taus, score_mask)
         n = self.n_layers
         return out[0], list(out[1:1 + 2 * n]), list(out[1 + 2 * n:])
 
     @torch.no_grad()
-    def decode(self, input_ids, attention_mask, past):
-        """Compacted-weight step(s) on top of a KV cache -> (logits, presents)."""
+    def decode(self, input_ids, attention_mask, past, with_active=False):
+        """Compacted-weight step(s) on top of a KV cache -> (logits, presents[, kept per layer]).
+
+        kept: (n_layers,) neurons with |h| >= tau, summed over the step's tokens."""
         pos = position_ids_from_mask(attention_mask, input_ids.shape[1])
         # the cache grows every step: compile its length as symbolic from the first call instead of
         # specializing on it and recompiling at step two (batch and step width stay static)
@@ -136,7 +145,19 @@ class CladaModel(nn.Module):
             torch._dynamo.maybe_mark_dynamic(t, 2)
         torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
         out = self._decode_fn(input_ids, attention_mask, pos, *past, self.taus, *self._decode_weights)
-        return out[0], list(out[1:])
+        n = self.n_layers
+        presents = list(out[1:1 + 2 * n])
+        if with_active:
+            return out[0], presents, torch.stack(out[1 + 2 * n:])
+        return out[0], presents
+
+    def dense(self) -> "CladaModel":
+        """The dense model through the same graphs and backend (the baseline), built once."""
+        if not self.config.enabled:
+            return self
+        if self._dense is None:
+            self._dense = CladaModel(self.hf_model, self.graphs, self.config.replace(enabled=False), self.tokenizer)
+        return self._dense
 
     def forward(self, input_ids, attention_mask=None):
         """Logits like the HF model's, through the prefill graph with the current thresholds."""

@@ -95,7 +95,7 @@ class CladaConfig:
 
     @property
     def uses_threshold(self) -> bool:
-        return self.enabled and self.target_active < 1.0
+        return self.enabled and (self.target_active < 1.0 or self.profile is not None)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "CladaConfig":

@@ -1,12 +1,17 @@
 """trace -> passes -> lowering: the prefill and decode graphs of one model.
 
-The same function feeds torch.compile (compiled.py) and the ONNX exporter (exporters/onnx.py):
-one pass library for both backends.
+The same graphs feed torch.compile (compiled.py) and the ONNX exporter (exporters/onnx.py):
+one pass library for both backends. Tracing is the expensive part (torch.export of the whole
+model), so it runs once per phase; lowering the fused decode graph to another `impl` copies only
+the graph (the weights stay shared).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
+
+from torch import fx
 
 from .models import architecture_of
 from .passes import lower_decode, lower_prefill, run_passes
@@ -18,27 +23,40 @@ class CladaGraphs:
     arch: str
     n_layers: int
     prefill: TracedGraph
-    decode: TracedGraph
+    fused_decode: TracedGraph  # decode trace with mlp_site markers, not yet lowered
     rewrites: dict  # pass name -> count, for the prefill trace (the decode trace matches it)
-    impl: str  # how the decode graph's sparse_mlp runs its down projection (ops.IMPLS)
+    impl: str  # default impl of `decode` (ops.IMPLS)
+    _lowered: dict = field(default_factory=dict)
+
+    def decode_for(self, impl: str) -> TracedGraph:
+        """The decode graph whose sparse_mlp ops run with `impl` (built once per impl)."""
+        if impl not in self._lowered:
+            src = self.fused_decode
+            gm = fx.GraphModule(src.gm, copy.deepcopy(src.gm.graph))
+            traced = TracedGraph(gm, "decode", list(src.input_names), list(src.output_names))
+            lower_decode(traced, self.n_layers, self.arch, impl)
+            _finish(gm)
+            self._lowered[impl] = traced
+        return self._lowered[impl]
+
+    @property
+    def decode(self) -> TracedGraph:
+        return self.decode_for(self.impl)
 
 
-def _rewrite(model, phase, arch, n, impl):
-    traced = trace(model, phase)
-    counts = run_passes(traced.gm)
-    if phase == "prefill":
-        _, counts["lower_prefill"] = lower_prefill(traced, n, arch)
-    else:
-        _, counts["lower_decode"] = lower_decode(traced, n, arch, impl)
-    traced.gm.graph.eliminate_dead_code()
-    traced.gm.graph.lint()
-    traced.gm.recompile()
-    return traced, counts
+def _finish(gm):
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
 
 
 def build_graphs(model, impl: str = "auto") -> CladaGraphs:
     arch = architecture_of(model)
     n = num_layers(model)
-    prefill, counts = _rewrite(model, "prefill", arch, n, impl)
-    decode, _ = _rewrite(model, "decode", arch, n, impl)
+    prefill = trace(model, "prefill")
+    counts = run_passes(prefill.gm)
+    _, counts["lower_prefill"] = lower_prefill(prefill, n, arch)
+    _finish(prefill.gm)
+    decode = trace(model, "decode")
+    run_passes(decode.gm)
     return CladaGraphs(arch, n, prefill, decode, counts, impl)

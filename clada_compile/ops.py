@@ -87,7 +87,7 @@ def sparse_mlp(
     tau: torch.Tensor,
     act: str,
     impl: str,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     h = _hidden(x, w_in, b_in, w_up, b_up, act)
     if impl == "dense":
         out = h @ w_down_t
@@ -97,12 +97,14 @@ def sparse_mlp(
         out = kernels.sparse_gemv_t(h, w_down_t, tau.reshape(1).float())
     else:
         out = threshold_mask(h, tau) @ w_down_t
-    return out if b_down is None else out + b_down
+    # neurons actually kept, summed over the step's tokens: the controller reports real sparsity
+    kept = (h.abs() >= tau.to(h.dtype)).sum().to(torch.float32)
+    return (out if b_down is None else out + b_down), kept
 
 
 @sparse_mlp.register_fake
 def _(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl):
-    return x.new_empty((*x.shape[:-1], w_down_t.shape[1]))
+    return x.new_empty((*x.shape[:-1], w_down_t.shape[1])), x.new_empty((), dtype=torch.float32)
 
 
 def reference_mlp(x, w_in, b_in, w_up, b_up, w_down, b_down, act, tau=None):

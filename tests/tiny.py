@@ -52,3 +52,26 @@ def build(name: str, seed: int = 0):
             if p.dim() == 2:
                 p.mul_(2.0)
     return model
+
+
+def save_hf_dir(path, name: str = "llama", seed: int = 0):
+    """A tiny model + a word-level tokenizer saved as a Hugging Face directory (for CLI tests)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ("the of and to in a is was on for as with by at from that it his an were are which this be "
+             "first new after he had also one their or two its has but not been city film time other all "
+             "into war during most only while who more she year season over when made used up three game "
+             "several later him her between some years later early being known state part north both").split()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in words:
+        if w not in vocab and len(vocab) < VOCAB:
+            vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    model = build(name, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

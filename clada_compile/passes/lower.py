@@ -1,10 +1,12 @@
 """Lower mlp_site markers to the clada ops and wire their graph inputs and outputs.
 
-lower_prefill: each site -> clada::scored_mlp on the full weights; adds the input `clada.tau`
-               (one threshold per layer) and one output `clada.scores.L` (B, d_ff) per layer.
+lower_prefill: each site -> clada::scored_mlp on the full weights; adds the inputs `clada.tau`
+               (one threshold per layer) and `clada.score_mask` (B, S: tokens the scores cover)
+               and one output `clada.scores.L` (B, d_ff) per layer.
 lower_decode:  each site -> clada::sparse_mlp on compacted weights that become graph inputs
                (`clada.L.w_in`, `clada.L.b_in`, `clada.L.w_up`, `clada.L.b_up`, `clada.L.w_down_t`);
-               adds `clada.tau`. The original MLP weights drop out of the decode graph.
+               adds `clada.tau` and one output `clada.active.L` per layer (neurons kept this step,
+               summed over its tokens). The original MLP weights drop out of the decode graph.
 Both return (gm, count) and append to the TracedGraph's name lists in the order they add nodes.
 """
 
@@ -67,8 +69,9 @@ def lower_prefill(traced, n_layers: int, arch: str):
     gm = traced.gm
     g = gm.graph
     found = ordered_sites(gm, n_layers, arch)
-    mask = [n for n in g.nodes if n.op == "placeholder"][1]  # attention_mask, (B, S) at prefill
     tau = _add_input(traced, g, "clada.tau", _last_placeholder(g))
+    # which tokens the Griffin scores cover: the prompt at prefill, the recent window on re-scoring
+    mask = _add_input(traced, g, "clada.score_mask", tau)
     out_node = next(n for n in g.nodes if n.op == "output")
     scores = []
     for site in found:
@@ -94,6 +97,7 @@ def lower_decode(traced, n_layers: int, arch: str, impl: str):
     g = gm.graph
     found = ordered_sites(gm, n_layers, arch)
     last = tau = _add_input(traced, g, "clada.tau", _last_placeholder(g))
+    kept = []
     for site in found:
         layer = site.meta["clada_layer"]
         x, w_in, b_in, w_up, b_up, w_down, b_down, act = site.args
@@ -107,11 +111,16 @@ def lower_decode(traced, n_layers: int, arch: str, impl: str):
             call = g.call_function(clada.sparse_mlp.default, (
                 x, new["w_in"], new.get("b_in"), new.get("w_up"), new.get("b_up"), new["w_down_t"],
                 b_down, t, act, impl))
-        call.meta.update(site.meta)
+            out = g.call_function(operator.getitem, (call, 0))
+            kept.append(g.call_function(operator.getitem, (call, 1)))
+        out.meta.update(site.meta)
         traced.sites.append(MlpSite(layer, site.meta["clada_kind"], act, site.meta["clada_path"],
                                     b_in is not None, b_up is not None, (w_in, b_in, w_up, b_up, w_down, b_down)))
-        site.replace_all_uses_with(call)
+        site.replace_all_uses_with(out)
         g.erase_node(site)
+    out_node = next(n for n in g.nodes if n.op == "output")
+    out_node.args = (tuple(out_node.args[0]) + tuple(kept),)
+    traced.output_names += [f"clada.active.{s.layer}" for s in traced.sites]
     return gm, len(found)
 
 

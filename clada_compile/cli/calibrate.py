@@ -1,0 +1,52 @@
+"""clada-calibrate: per-layer, error-controlled thresholds from a text -> profile JSON.
+
+    clada-calibrate --text ../shared/data/wikitext-2/valid.txt --target_active 0.5 --output smollm2.profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from clada_compile.cli.common import run_cli
+
+
+def main_impl(argv=None):
+    p = argparse.ArgumentParser(prog="clada-calibrate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", default="smollm2")
+    p.add_argument("--text", required=True, help="plain-text calibration file")
+    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--target_active", type=float, default=0.5, help="mean fraction of neurons kept")
+    p.add_argument("--error_budget", type=float, default=0.25, help="max relative MLP output error per layer")
+    p.add_argument("--output", required=True)
+    args = p.parse_args(argv)
+
+    from clada_compile import CladaConfig, load_model, optimize
+    from clada_compile.calibrate import calibrate
+    from clada_compile.data import load_text_tokens
+
+    model, tok = load_model(args.model_path)
+    ids = load_text_tokens(args.text, tok, args.tokens)
+    cm = optimize(model, CladaConfig(top_k_ratio=1.0, backend="eager"), tokenizer=tok)
+    prof = calibrate(cm, ids, args.target_active, args.error_budget, args.window, text_name=str(args.text),
+                     model_name=args.model_path)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(prof, indent=1))
+    print(f"{prof['tokens']} tokens; mean kept fraction {prof['achieved_active']:.3f} "
+          f"(target {args.target_active}); per-layer relative MLP error "
+          f"{min(layer['rel_error'] for layer in prof['layers']):.3f}..{max(layer['rel_error'] for layer in prof['layers']):.3f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv=None):
+    sys.exit(run_cli(main_impl, argv))
+
+
+if __name__ == "__main__":
+    main()

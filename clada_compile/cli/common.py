@@ -1,0 +1,72 @@
+"""Flags and engine construction shared by the clada-* commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def add_model_flags(p: argparse.ArgumentParser):
+    p.add_argument("--model_path", default="smollm2", help="smollm2 | gemma3-270m | file.gguf | HF directory")
+    p.add_argument("--backend", default="inductor", choices=["inductor", "eager", "ort"])
+    p.add_argument("--onnx_dir", default=None, help="clada-export --onnx output (for --backend ort)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--low_memory_mode", action="store_true", help="torch: bf16 weights; ort: the int8 export")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+
+
+def add_clada_flags(p: argparse.ArgumentParser):
+    p.add_argument("--top_k_ratio", type=float, default=None)
+    p.add_argument("--min_active_neurons", type=int, default=None)
+    p.add_argument("--surprisal_threshold", type=float, default=None)
+    p.add_argument("--entropy_threshold", type=float, default=None)
+    p.add_argument("--update_window", type=int, default=None)
+    p.add_argument("--target_active", type=float, default=None, help="mean kept fraction of the per-token threshold")
+    p.add_argument("--profile", default=None, help="calibration profile JSON (clada-calibrate)")
+    p.add_argument("--schedule", default=None, choices=["static", "clada"])
+    p.add_argument("--reselect", default=None, action=argparse.BooleanOptionalAction)
+    p.add_argument("--kernel", default=None, choices=["auto", "cpp", "reference"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+def config_from_args(args, **extra):
+    from clada_compile import CladaConfig
+
+    fields = ("top_k_ratio", "min_active_neurons", "surprisal_threshold", "entropy_threshold", "update_window",
+              "target_active", "profile", "schedule", "reselect", "kernel", "seed")
+    kw = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+    if getattr(args, "backend", "inductor") in ("inductor", "eager"):
+        kw["backend"] = args.backend
+    kw["precision"] = "bf16" if args.low_memory_mode and args.precision == "fp32" and args.backend != "ort" else args.precision
+    kw["low_memory_mode"] = args.low_memory_mode
+    kw.update(extra)
+    return CladaConfig(**kw)
+
+
+def build_engine(args, config):
+    """(engine, tokenizer) for the chosen backend."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.backend == "ort":
+        if not args.onnx_dir:
+            raise SystemExit("error: --backend ort needs --onnx_dir DIR (make one with: clada-export --onnx --output DIR)")
+        from clada_compile.exporters.ort import OrtCladaModel
+
+        engine = OrtCladaModel.from_dir(args.onnx_dir, config=config)
+        return engine, engine.tokenizer
+    from clada_compile import load_model, optimize
+
+    model, tok = load_model(args.model_path, dtype=config.precision)
+    return optimize(model, config, tokenizer=tok), tok
+
+
+def run_cli(fn, argv=None):
+    """Turn the errors users cause into one clear line instead of a traceback."""
+    try:
+        return fn(argv)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2

@@ -1,0 +1,89 @@
+"""The CLADA controller: cognitive-load signals -> per-layer thresholds, once per generated token.
+
+Plain Python over tensors, no graph: it runs on the host between decode steps.
+
+- surprisal_t = -log2 p(token_t), entropy_t = -sum p log2 p of the distribution token_t was drawn
+  from, both divided by log2(vocab) so they lie in [0, 1].
+- Every `update_window` tokens the surprisal / entropy thresholds become the configured
+  percentiles of the window just finished. Before the first window closes there are no
+  thresholds and no events.
+- High load ("P600"): both signals above their thresholds. With `reselect`, the runtime re-scores
+  the recent window densely and re-selects the backbone (at most once per window); counted in
+  `events`.
+- tau_l(t) = base_l * g(load_t): schedule "static" -> g = 1; "clada" -> high_load_scale under
+  high load (denser), low_load_scale when both signals are below their thresholds, 1 otherwise.
+- Non-finite logits (NaN / inf) do not crash the controller: the step is recorded as maximal
+  load (surprisal = entropy = 1), flagged `nonfinite`, and thresholds stay finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import CladaConfig
+
+
+def token_signals(logits: torch.Tensor, tokens: torch.Tensor):
+    """(B, V) logits of the distribution each token was drawn from, (B,) tokens ->
+    (surprisal, entropy, nonfinite), each (B,), normalized by log2(V)."""
+    logits = logits.float()
+    norm = math.log2(logits.shape[-1])
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    ent = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1) / math.log(2) / norm
+    sur = -logp.gather(-1, tokens.view(-1, 1)).squeeze(-1) / math.log(2) / norm
+    nonfinite = ~(torch.isfinite(ent) & torch.isfinite(sur))
+    ent = torch.where(nonfinite, torch.ones_like(ent), ent.clamp(0, 1))
+    sur = torch.where(nonfinite, torch.ones_like(sur), sur.clamp(0, 1))
+    return sur, ent, nonfinite
+
+
+@dataclass
+class Decision:
+    taus: torch.Tensor  # (n_layers,) thresholds for the next step
+    load: str  # "high" | "low" | "mid" | "warmup"
+    reselect: bool
+
+
+@dataclass
+class Controller:
+    config: CladaConfig
+    base_taus: torch.Tensor  # (n_layers,)
+    surprisal: list = field(default_factory=list)
+    entropy: list = field(default_factory=list)
+    s_threshold: float | None = None
+    e_threshold: float | None = None
+    events: int = 0
+    last_event: int = -(10**9)
+
+    def observe(self, surprisal: float, entropy: float) -> Decision:
+        """Record one token's (batch-mean) signals and decide the next step's thresholds."""
+        cfg = self.config
+        self.surprisal.append(float(surprisal))
+        self.entropy.append(float(entropy))
+        n = len(self.surprisal)
+        if n % cfg.update_window == 0:
+            w = cfg.update_window
+            self.s_threshold = _percentile(self.surprisal[-w:], cfg.surprisal_threshold)
+            self.e_threshold = _percentile(self.entropy[-w:], cfg.entropy_threshold)
+        if self.s_threshold is None:
+            return Decision(self.base_taus.clone(), "warmup", False)
+        high = surprisal > self.s_threshold and entropy > self.e_threshold
+        low = surprisal <= self.s_threshold and entropy <= self.e_threshold
+        load = "high" if high else ("low" if low else "mid")
+        scale = 1.0
+        if cfg.schedule == "clada":
+            scale = cfg.high_load_scale if high else (cfg.low_load_scale if low else 1.0)
+        # at most one re-selection per window: a burst of hard tokens is one reanalysis
+        reselect = bool(high and cfg.reselect and n - self.last_event >= cfg.update_window)
+        if reselect:
+            self.events += 1
+            self.last_event = n
+        return Decision(self.base_taus * scale, load, reselect)
+
+
+def _percentile(values, q: float) -> float:
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))

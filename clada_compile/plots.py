@@ -1,0 +1,60 @@
+"""PNG plots: per-prompt controller traces and the speed/quality frontier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display; set on use, not at import
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_trace(records: list[dict], path, title: str = "") -> Path:
+    plt = _plt()
+    steps = [r["step"] for r in records]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 5), sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
+    ax.plot(steps, [r["surprisal"] for r in records], label="surprisal", color="tab:blue", lw=1)
+    ax.plot(steps, [r["entropy"] for r in records], label="entropy", color="tab:orange", lw=1)
+    ax.step(steps, [r["s_threshold"] if r["s_threshold"] is not None else float("nan") for r in records],
+            where="post", color="tab:blue", ls="--", lw=0.8, label="surprisal threshold")
+    ax.step(steps, [r["e_threshold"] if r["e_threshold"] is not None else float("nan") for r in records],
+            where="post", color="tab:orange", ls="--", lw=0.8, label="entropy threshold")
+    for r in records:
+        if r["reselect"]:
+            ax.axvline(r["step"], color="red", alpha=0.5, lw=1)
+    if any(r["reselect"] for r in records):
+        ax.plot([], [], color="red", label="re-selection")
+    ax.set_ylabel("normalized bits")
+    ax.legend(fontsize=7, ncol=3, loc="upper right")
+    ax.set_title(title[:90], fontsize=9)
+    ax2.plot(steps, [r["active_fraction"] if r["active_fraction"] is not None else float("nan") for r in records],
+             color="tab:green", lw=1)
+    ax2.set_ylabel("active frac.")
+    ax2.set_xlabel("generated token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_frontier(curves: dict[str, list[tuple[float, float]]], path, title: str = "") -> Path:
+    """curves: method -> [(ppl increase %, speedup)]."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, pts in curves.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("perplexity increase vs dense (%)")
+    ax.set_ylabel("decode speedup vs dense (x)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
