@@ -28,14 +28,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor, length: int) -> torch.T
 
 
 class CladaModel(nn.Module):
-    def __init__(self, model, graphs: CladaGraphs, config: CladaConfig, tokenizer=None):
+    def __init__(self, model, graphs: CladaGraphs, config: CladaConfig, tokenizer=None, impl: str | None = None):
         super().__init__()
         self.hf_model = model
         self.tokenizer = tokenizer
         self.config = config
         self.graphs = graphs
         self.n_layers = graphs.n_layers
-        self.impl = graphs.impl if config.enabled else "dense"
+        self.impl = (impl or _impl_for(config)) if config.enabled else "dense"
         hf_cfg = model.config.get_text_config(decoder=True)
         self.context_length = getattr(hf_cfg, "max_position_embeddings", None) or getattr(hf_cfg, "n_positions", None)
         self._dense = None
@@ -151,6 +151,10 @@ class CladaModel(nn.Module):
             return out[0], presents, torch.stack(out[1 + 2 * n:])
         return out[0], presents
 
+    def with_config(self, config: CladaConfig) -> "CladaModel":
+        """Another CladaModel on the same traced graphs (no re-tracing), e.g. another sparsity."""
+        return _make(self.hf_model, self.graphs, config, self.tokenizer)
+
     def dense(self) -> "CladaModel":
         """The dense model through the same graphs and backend (the baseline), built once."""
         if not self.config.enabled:
@@ -193,10 +197,13 @@ def optimize(model, config: CladaConfig | None = None, tokenizer=None) -> CladaM
         from . import kernels
 
         kernels.load_cpu_extension()  # fail now, with the fix named, rather than mid-generation
-    graphs = build_graphs(model, impl)
-    clada = CladaModel(model, graphs, config, tokenizer)
+    return _make(model, build_graphs(model, impl), config, tokenizer)
+
+
+def _make(model, graphs, config, tokenizer):
+    cm = CladaModel(model, graphs, config, tokenizer)
     if config.profile is not None:
         from .calibrate import apply_profile
 
-        apply_profile(clada, config.profile)
-    return clada
+        apply_profile(cm, config.profile)
+    return cm

@@ -80,13 +80,17 @@ def _next_token(logits, do_sample, temperature, top_p, generator):
 
 def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, eos_token_id=None, attention_mask=None, baseline: bool = False,
-             seed: int | None = None, progress: bool = False, base_taus=None) -> GenerationOutput:
+             seed: int | None = None, progress: bool = False, base_taus=None, forced=None) -> GenerationOutput:
     """Generate like Hugging Face's generate (greedy by default, KV cache throughout).
 
     baseline=True runs the dense model through the same graphs and backend (engine.dense()).
     base_taus: per-layer base thresholds (default: the engine's current thresholds, e.g. from a
     calibration profile); the controller scales them every step.
+    forced: (B, N) tokens to feed instead of choosing (teacher forcing, for perplexity); each
+    record then carries the token's natural-log probability `logprob`.
     """
+    if forced is not None:
+        max_new_tokens = forced.shape[1]
     _check_inputs(engine, input_ids, max_new_tokens, do_sample, temperature, top_p)
     if baseline:
         engine = engine.dense()
@@ -122,7 +126,10 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
     kept = None
     for step in range(max_new_tokens):
         last = logits[:, -1]
-        tok, dist = _next_token(last, do_sample, temperature, top_p, generator)
+        if forced is not None:
+            tok, dist = forced[:, step], last
+        else:
+            tok, dist = _next_token(last, do_sample, temperature, top_p, generator)
         if eos:
             pad = next(iter(eos))
             tok = torch.where(done, torch.full_like(tok, pad), tok)
@@ -147,6 +154,8 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
             tau_mean=float(engine.taus.mean()) if step else 0.0, active_fraction=active,
             reselect=decision.reselect,
         ))
+        if forced is not None:
+            out.records[-1]["logprob"] = torch.log_softmax(dist.float(), -1).gather(-1, tok[:, None]).squeeze(-1).tolist()
         bar.update(1)
         if step == max_new_tokens - 1 or bool(done.all()):
             break

@@ -22,7 +22,7 @@ def _keeps(cm, active):
 
 def _engine(name="llama", **cfg):
     model, graphs = graphs_for(name)
-    return model, CladaModel(model, graphs, CladaConfig(backend="eager", **cfg))
+    return model, CladaModel(model, graphs, CladaConfig(backend="eager", **cfg), impl="reference")
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "phi3"])

@@ -1,0 +1,131 @@
+"""clada-bench: decode throughput of dense vs CLADA on one model and backend, interleaved.
+
+    clada-bench --backend inductor --prompt_len 256 --new_tokens 128 --profile p.json --json bench.json
+    clada-bench kernels                       # sparse GEMV kernel vs dense F.linear
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from clada_compile.cli.common import add_clada_flags, add_model_flags, build_engine, config_from_args, run_cli
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = dict(cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+                device="cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    return info
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_decode(engine, prompt_ids, new_tokens: int, repeats: int):
+    """Interleaved dense/CLADA greedy generation; decode tokens/s (prefill excluded) per run."""
+    from clada_compile.metrics import interleaved
+
+    runs = {"dense": [], "clada": []}
+
+    def run(mode):
+        def fn():
+            o = engine.generate(prompt_ids, max_new_tokens=new_tokens, baseline=mode == "dense")
+            runs[mode].append(dict(decode_tokens_per_s=o.decode_tokens_per_s, prefill_s=o.prefill_s,
+                                   decode_s=o.decode_s, active_fraction=o.mean_active_fraction,
+                                   reselections=o.events))
+            return o.decode_tokens_per_s
+        return fn
+
+    res = interleaved({"dense": run("dense"), "clada": run("clada")}, repeats=repeats, warmup=1)
+    for mode in runs:
+        runs[mode] = runs[mode][1:]  # drop the warm-up run
+    return dict(
+        dense_tokens_per_s=res["dense"]["median"], clada_tokens_per_s=res["clada"]["median"],
+        speedup=res["clada"]["median"] / res["dense"]["median"],
+        clada_active_fraction=sum(r["active_fraction"] for r in runs["clada"]) / len(runs["clada"]),
+        runs=runs,
+    )
+
+
+def main_kernels(argv):
+    p = argparse.ArgumentParser(prog="clada-bench kernels")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    from clada_compile.kernels.bench import format_table, run_kernel_bench
+
+    rows = run_kernel_bench(threads=args.threads)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(machine=machine(), rows=rows), indent=2))
+    return 0
+
+
+def main_impl(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["kernels"]:
+        return main_kernels(argv[1:])
+    p = argparse.ArgumentParser(prog="clada-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    add_clada_flags(p)
+    p.add_argument("--prompt_len", type=int, default=256)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--text", default=None, help="text the prompt is cut from (default: a fixed English paragraph)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    config = config_from_args(args)
+    engine, tok = build_engine(args, config)
+    if args.text:
+        from clada_compile.data import load_text_tokens
+
+        ids = load_text_tokens(args.text, tok, args.prompt_len).view(1, -1)
+    else:
+        text = ("The city was founded in the early years of the century and grew quickly as a port. " * 64)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.prompt_len]
+    if ids.shape[1] < args.prompt_len:
+        raise ValueError(f"the prompt text has only {ids.shape[1]} tokens, fewer than --prompt_len {args.prompt_len}")
+    res = bench_decode(engine, ids, args.new_tokens, args.repeats)
+    report = dict(machine=machine(), model=args.model_path, backend=args.backend, prompt_len=args.prompt_len,
+                  new_tokens=args.new_tokens, repeats=args.repeats, config=config.__dict__,
+                  peak_rss_mb=peak_rss_mb(), **res)
+    print(f"| backend | dense tok/s | CLADA tok/s | speedup | CLADA active frac. |\n|---|---|---|---|---|\n"
+          f"| {args.backend} | {res['dense_tokens_per_s']:.2f} | {res['clada_tokens_per_s']:.2f} | "
+          f"{res['speedup']:.3f}x | {res['clada_active_fraction']:.3f} |")
+    print(f"(median of {args.repeats} interleaved runs, {args.prompt_len} prompt + {args.new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads; process peak RSS {report['peak_rss_mb']:.0f} MB)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv=None):
+    sys.exit(run_cli(main_impl, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Metric code and the clada-bench / clada-eval / clada-calibrate smoke runs on a tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from clada_compile import metrics
+from conftest import SHARED, graphs_for
+from tiny import save_hf_dir
+
+
+def test_perplexity_of_known_distribution():
+    # a uniform model over 8 symbols has perplexity 8
+    assert metrics.perplexity([math.log(8)] * 50) == pytest.approx(8.0)
+    with pytest.raises(ValueError):
+        metrics.perplexity([])
+
+
+def test_bootstrap_ratio():
+    dense = [[1.0] * 10 for _ in range(6)]
+    clada = [[1.0 + 0.01] * 10 for _ in range(6)]
+    inc, lo, hi = metrics.bootstrap_ratio(dense, clada, reps=200)
+    assert inc == pytest.approx(100 * (math.exp(0.01) - 1))
+    assert lo == pytest.approx(inc) and hi == pytest.approx(inc)  # identical windows: no spread
+
+
+def test_rouge_l_and_divergence():
+    assert metrics.rouge_l(list("abcd"), list("abcd")) == 1.0
+    assert metrics.rouge_l(list("abcd"), list("xyz")) == 0.0
+    # LCS("abcde", "ace") = 3: P = 3/3, R = 3/5 -> F1 = 0.75
+    assert metrics.rouge_l(list("abcde"), list("ace")) == pytest.approx(0.75)
+    assert metrics.first_divergence([1, 2, 3], [1, 2, 4]) == 2
+    assert metrics.first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_interleaved_order_and_median():
+    calls = []
+    vals = {"a": iter([9, 1, 2, 3]), "b": iter([9, 10, 30, 20])}
+    fns = {k: (lambda k=k: calls.append(k) or next(vals[k])) for k in vals}
+    res = metrics.interleaved(fns, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert res["a"]["raw"] == [1, 2, 3] and res["a"]["median"] == 2
+    assert res["b"]["median"] == 20
+
+
+def test_calibration_hits_target_on_tiny_model():
+    from clada_compile import CladaConfig
+    from clada_compile.calibrate import calibrate, profile_taus
+    from clada_compile.compiled import CladaModel
+
+    model, graphs = graphs_for("llama")
+    cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
+    ids = torch.randint(3, 90, (256,))
+    prof = calibrate(cm, ids, target_active=0.6, error_budget=10.0, window=64)
+    assert prof["achieved_active"] == pytest.approx(0.6, abs=0.026)
+    assert all(0 < layer["tau"] for layer in prof["layers"])
+    taus = profile_taus(prof, cm.n_layers)
+    cm.set_thresholds(taus)
+    # the chosen thresholds keep about the chosen fraction on the calibration text itself
+    _, past, _ = cm.prefill(ids[:64].view(1, -1), taus=torch.zeros(2))
+    _, _, kept = cm.decode(ids[64:65].view(1, 1), torch.ones(1, 65, dtype=torch.long), past, with_active=True)
+    assert 0.2 < float((kept / torch.tensor(cm.k)).mean()) < 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_hf_dir(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def test_bench_and_eval_smoke(tiny_dir, tmp_path):
+    from clada_compile.cli import bench, calibrate, eval as ev
+
+    text = SHARED / "data" / "wikitext-2" / "valid.txt"
+    prof = tmp_path / "p.json"
+    assert calibrate.main_impl(["--model_path", str(tiny_dir), "--text", str(text), "--tokens", "256",
+                                "--window", "64", "--target_active", "0.5", "--output", str(prof)]) == 0
+    out = tmp_path / "bench.json"
+    assert bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--prompt_len", "16",
+                            "--new_tokens", "8", "--repeats", "2", "--top_k_ratio", "0.5", "--json", str(out)]) == 0
+    b = json.loads(out.read_text())
+    assert {"machine", "dense_tokens_per_s", "clada_tokens_per_s", "speedup", "runs", "peak_rss_mb"} <= set(b)
+    assert len(b["runs"]["dense"]) == 2 and {"cpu", "threads", "torch"} <= set(b["machine"])
+    out = tmp_path / "eval.json"
+    assert ev.main_impl(["--model_path", str(tiny_dir), "--text", str(text), "--windows", "2",
+                         "--prompt_tokens", "16", "--continuation_tokens", "8", "--agreement_tokens", "4",
+                         "--methods", "griffin,calibrated", "--profile", str(prof), "--json", str(out)]) == 0
+    e = json.loads(out.read_text())
+    assert e["windows"] == 2 and [r["method"] for r in e["results"]] == ["griffin", "calibrated"]
+    r = e["results"][1]
+    assert {"dense_ppl", "ppl", "ppl_increase_pct", "ppl_increase_ci95", "active_fraction",
+            "greedy_first_divergence_mean", "greedy_rouge_l_mean"} <= set(r)
+    assert r["scored_tokens"] == 16
