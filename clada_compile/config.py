@@ -13,7 +13,8 @@ from dataclasses import dataclass
 BACKENDS = ("inductor", "eager")
 KERNELS = ("auto", "cpp", "reference")
 PRECISIONS = ("fp32", "bf16", "fp16")
-SCHEDULES = ("static", "clada")
+SCHEDULES = ("static", "clada", "continuous")
+SIGNALS = ("both", "entropy", "surprisal")
 
 
 def _check_range(name: str, value, lo, hi, lo_open=False, hi_open=False):
@@ -47,8 +48,12 @@ class CladaConfig:
     target_active: fraction of backbone neurons the per-token threshold keeps on average;
         1.0 disables the per-token threshold (tau = 0). Needs a calibration profile to be < 1.
     profile: path of a calibration profile JSON (clada-calibrate) with per-layer base thresholds.
-    schedule: "static" (tau = base) or "clada" (tau scaled by cognitive load every step).
-    high_load_scale / low_load_scale: tau multipliers for the "clada" schedule.
+    schedule: "static" (tau = base), "clada" (a step: tau scaled by high_load_scale when the load
+        signal is above its window threshold, low_load_scale when below) or "continuous" (tau
+        scaled by a linear blend of the two scales at the signal's percentile rank in the window).
+    load_signal: "both" (the paper's AND rule over surprisal and entropy), "entropy" or "surprisal".
+    high_load_scale / low_load_scale: tau multipliers; < 1 under high load = denser when the model
+        is uncertain (the paper's direction), > 1 = sparser.
     reselect: re-select the backbone on high-load events.
     enabled: False runs the dense model through the same graphs (baseline).
     backend: "inductor" (torch.compile) or "eager" (the rewritten graph run as Python, for debugging).
@@ -64,6 +69,7 @@ class CladaConfig:
     target_active: float = 1.0
     profile: str | None = None
     schedule: str = "static"
+    load_signal: str = "both"
     high_load_scale: float = 0.5
     low_load_scale: float = 1.0
     reselect: bool = False
@@ -86,6 +92,7 @@ class CladaConfig:
         _check_range("high_load_scale", self.high_load_scale, 0, 10)
         _check_range("low_load_scale", self.low_load_scale, 0, 10)
         _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("load_signal", self.load_signal, SIGNALS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("precision", self.precision, PRECISIONS)

@@ -11,7 +11,9 @@ Plain Python over tensors, no graph: it runs on the host between decode steps.
   the recent window densely and re-selects the backbone (at most once per window); counted in
   `events`.
 - tau_l(t) = base_l * g(load_t): schedule "static" -> g = 1; "clada" -> high_load_scale under
-  high load (denser), low_load_scale when both signals are below their thresholds, 1 otherwise.
+  high load (denser), low_load_scale when the signal(s) are below their thresholds, 1 otherwise;
+  "continuous" -> a linear blend of the two scales at the signal's percentile rank in the window.
+  `load_signal` picks which signal drives g: both (AND rule), entropy or surprisal.
 - Non-finite logits (NaN / inf) do not crash the controller: the step is recorded as maximal
   load (surprisal = entropy = 1), flagged `nonfinite`, and thresholds stay finite.
 """
@@ -71,18 +73,38 @@ class Controller:
             self.e_threshold = _percentile(self.entropy[-w:], cfg.entropy_threshold)
         if self.s_threshold is None:
             return Decision(self.base_taus.clone(), "warmup", False)
-        high = surprisal > self.s_threshold and entropy > self.e_threshold
-        low = surprisal <= self.s_threshold and entropy <= self.e_threshold
+        above = {"surprisal": surprisal > self.s_threshold, "entropy": entropy > self.e_threshold}
+        # the paper's AND rule defines high-load events (re-selection) whatever signal tau follows
+        high = above["surprisal"] and above["entropy"]
+        low = not above["surprisal"] and not above["entropy"]
         load = "high" if high else ("low" if low else "mid")
+        sig_high, sig_low = high, low
+        if cfg.load_signal != "both":
+            sig_high, sig_low = above[cfg.load_signal], not above[cfg.load_signal]
         scale = 1.0
         if cfg.schedule == "clada":
-            scale = cfg.high_load_scale if high else (cfg.low_load_scale if low else 1.0)
+            scale = cfg.high_load_scale if sig_high else (cfg.low_load_scale if sig_low else 1.0)
+        elif cfg.schedule == "continuous":
+            r = self._rank(surprisal, entropy)
+            scale = cfg.low_load_scale + (cfg.high_load_scale - cfg.low_load_scale) * r
         # at most one re-selection per window: a burst of hard tokens is one reanalysis
         reselect = bool(high and cfg.reselect and n - self.last_event >= cfg.update_window)
         if reselect:
             self.events += 1
             self.last_event = n
         return Decision(self.base_taus * scale, load, reselect)
+
+
+    def _rank_in(self, values, v):
+        w = values[-self.config.update_window:]
+        return sum(x <= v for x in w) / len(w)
+
+    def _rank(self, surprisal, entropy):
+        """Percentile rank (0..1) of the current signal(s) within the recent window."""
+        ranks = {"surprisal": self._rank_in(self.surprisal, surprisal), "entropy": self._rank_in(self.entropy, entropy)}
+        if self.config.load_signal == "both":
+            return (ranks["surprisal"] + ranks["entropy"]) / 2
+        return ranks[self.config.load_signal]
 
 
 def _percentile(values, q: float) -> float:

@@ -54,6 +54,10 @@ def main_impl(argv=None):
     p.add_argument("--start_token", type=int, default=8192,
                    help="windows start after this many tokens (clada-calibrate uses the first 4096 by default)")
     p.add_argument("--json", default=None)
+    p.add_argument("--ablation", action="store_true",
+                   help="controller ablation at matched sparsity (needs --profile); writes --json and a PNG")
+    p.add_argument("--ablation_targets", default="0.4,0.5,0.6")
+    p.add_argument("--ablation_variants", default=None, help="comma-separated subset of ablation.VARIANTS")
     args = p.parse_args(argv)
 
     from clada_compile import load_model, optimize
@@ -61,7 +65,9 @@ def main_impl(argv=None):
     from clada_compile.evaluate import evaluate, windows
 
     base = config_from_args(args)
-    configs = method_configs(args, base)
+    configs = {} if args.ablation else method_configs(args, base)
+    if args.ablation and not args.profile:
+        raise ValueError("--ablation needs --profile (make one with clada-calibrate)")
     model, tok = load_model(args.model_path, dtype=base.precision)
     need = args.windows * (args.prompt_tokens + args.continuation_tokens) * 4
     ids = load_text_tokens(args.text, tok, max(need, 200_000))
@@ -69,6 +75,8 @@ def main_impl(argv=None):
         args.start_token = 0  # short texts (tests): no held-out region to skip
     wins = windows(ids[args.start_token:], args.windows, args.prompt_tokens, args.continuation_tokens)
     cm = optimize(model, base.replace(profile=None, target_active=1.0), tokenizer=tok)
+    if args.ablation:
+        return _ablation(args, cm, base, wins)
     results, dense = [], None
     for name, cfg in configs.items():
         if name == "dense":
@@ -84,6 +92,31 @@ def main_impl(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
         print(f"wrote {args.json}")
+    return 0
+
+
+def _ablation(args, cm, base, wins):
+    from clada_compile.ablation import VARIANTS, plot_ablation, run_ablation
+
+    variants = VARIANTS
+    if args.ablation_variants:
+        names = [v.strip() for v in args.ablation_variants.split(",")]
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown ablation variants {unknown}; known: {list(VARIANTS)}")
+        variants = {n: VARIANTS[n] for n in names}
+    targets = [float(t) for t in args.ablation_targets.split(",")]
+    base = base.replace(top_k_ratio=1.0, profile=args.profile)
+    results = run_ablation(cm, base, wins, targets, variants)
+    report = dict(model=args.model_path, text=args.text, start_token=args.start_token, windows=len(wins),
+                  prompt_tokens=args.prompt_tokens, continuation_tokens=args.continuation_tokens,
+                  scored_tokens=len(wins) * args.continuation_tokens, backend=base.backend, profile=args.profile,
+                  results=results)
+    out = Path(args.json or "ablation.json")
+    out.write_text(json.dumps(report, indent=2, default=str))
+    plot_ablation(results, out.with_suffix(".png"),
+                  title=f"{args.model_path}: {len(wins)} windows x {args.continuation_tokens} scored tokens")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

@@ -1,0 +1,89 @@
+"""Does modulating sparsity by cognitive load beat static thresholds? Ablation at MATCHED sparsity.
+
+Every variant is scored on the same windows with base thresholds from one calibration profile,
+re-targeted (profile_taus) until its measured mean active fraction is within `tol` of the target:
+variants are never compared at different sparsity.
+"""
+
+from __future__ import annotations
+
+from .evaluate import score
+from .metrics import bootstrap_ratio
+
+_DENSER, _SPARSER = dict(high_load_scale=0.5, low_load_scale=1.3), dict(high_load_scale=1.3, low_load_scale=0.5)
+
+VARIANTS = {
+    "static": dict(schedule="static"),
+    "entropy step, denser when uncertain": dict(schedule="clada", load_signal="entropy", **_DENSER),
+    "entropy step, sparser when uncertain": dict(schedule="clada", load_signal="entropy", **_SPARSER),
+    "surprisal step, denser when surprised": dict(schedule="clada", load_signal="surprisal", **_DENSER),
+    "surprisal step, sparser when surprised": dict(schedule="clada", load_signal="surprisal", **_SPARSER),
+    "AND rule (paper), denser under load": dict(schedule="clada", load_signal="both", **_DENSER),
+    "AND rule, sparser under load": dict(schedule="clada", load_signal="both", **_SPARSER),
+    "continuous entropy, denser when uncertain": dict(schedule="continuous", load_signal="entropy", **_DENSER),
+    "continuous entropy, sparser when uncertain": dict(schedule="continuous", load_signal="entropy", **_SPARSER),
+    "continuous both, denser under load": dict(schedule="continuous", load_signal="both", **_DENSER),
+    "AND rule + re-selection": dict(schedule="clada", load_signal="both", reselect=True, **_DENSER),
+    "AND rule, window 5": dict(schedule="clada", load_signal="both", update_window=5, **_DENSER),
+    "AND rule, window 20": dict(schedule="clada", load_signal="both", update_window=20, **_DENSER),
+}
+
+
+def _active(rows):
+    return sum(r["active"] for r in rows) / len(rows)
+
+
+def matched(cm, base_config, variant: dict, wins, target: float, tol: float = 0.01, search_windows: int = 2,
+            max_iter: int = 6):
+    """Score `variant` with its profile target adjusted until the mean active fraction is within
+    tol of `target`. Returns (rows per window, profile target used, measured active fraction)."""
+    t = target
+    search = wins[:search_windows]
+    for _ in range(max_iter):  # cheap search on a few windows: active fraction is ~linear in t
+        rows = score(cm.with_config(base_config.replace(target_active=t, **variant)), search, desc="search")
+        a = _active(rows)
+        if abs(a - target) <= tol / 2:
+            break
+        t = min(0.999, max(0.02, t + (target - a)))
+    for _ in range(max_iter):  # confirm (and correct) on every window
+        rows = score(cm.with_config(base_config.replace(target_active=t, **variant)), wins, desc="score")
+        a = _active(rows)
+        if abs(a - target) <= tol:
+            break
+        t = min(0.999, max(0.02, t + (target - a)))
+    return rows, t, a
+
+
+def run_ablation(cm, base_config, wins, targets=(0.4, 0.5, 0.6), variants=None, dense=None, tol: float = 0.01):
+    variants = variants or VARIANTS
+    dense = dense or score(cm, wins, baseline=True, desc="dense")
+    d_nll = [w["nll"] for w in dense]
+    results = []
+    for target in targets:
+        for name, var in variants.items():
+            rows, t, a = matched(cm, base_config, var, wins, target, tol)
+            inc, lo, hi = bootstrap_ratio(d_nll, [w["nll"] for w in rows])
+            results.append(dict(variant=name, target_active=target, profile_target=t, active_fraction=a,
+                                matched=abs(a - target) <= tol, ppl_increase_pct=inc, ci95=[lo, hi],
+                                reselections=sum(w["events"] for w in rows), settings=var))
+            print(f"  active {target:.2f} | {name:<44} | measured {a:.3f} | ppl {inc:+.2f}% [{lo:+.2f}, {hi:+.2f}]")
+    return results
+
+
+def plot_ablation(results, path, title=""):
+    from .plots import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    names = list(dict.fromkeys(r["variant"] for r in results))
+    for name in names:
+        pts = sorted((r["active_fraction"], r["ppl_increase_pct"]) for r in results if r["variant"] == name)
+        style = dict(lw=2.5, color="black") if name == "static" else dict(lw=1, alpha=0.8)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, **style)
+    ax.set_xlabel("measured mean active fraction of MLP neurons")
+    ax.set_ylabel("perplexity increase vs dense (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
