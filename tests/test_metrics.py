@@ -70,12 +70,16 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_bench_and_eval_smoke(tiny_dir, tmp_path):
-    from clada_compile.cli import bench, calibrate, eval as ev
+    from clada_compile import CladaConfig
+    from clada_compile.calibrate import calibrate
+    from clada_compile.cli import bench, eval as ev
+    from clada_compile.compiled import CladaModel
 
     text = SHARED / "data" / "wikitext-2" / "valid.txt"
     prof = tmp_path / "p.json"
-    assert calibrate.main_impl(["--model_path", str(tiny_dir), "--text", str(text), "--tokens", "256",
-                                "--window", "64", "--target_active", "0.5", "--output", str(prof)]) == 0
+    model, graphs = graphs_for("llama")  # same weights as tiny_dir (seed 0)
+    cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
+    prof.write_text(json.dumps(calibrate(cm, torch.randint(3, 90, (256,)), 0.5, 10.0, window=64)))
     out = tmp_path / "bench.json"
     assert bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--prompt_len", "16",
                             "--new_tokens", "8", "--repeats", "2", "--top_k_ratio", "0.5", "--json", str(out)]) == 0
