@@ -12,20 +12,22 @@ from .metrics import bootstrap_ratio
 
 _DENSER, _SPARSER = dict(high_load_scale=0.5, low_load_scale=1.3), dict(high_load_scale=1.3, low_load_scale=0.5)
 
+# name -> settings. "denser": tau x0.5 under high load, x1.3 under low load (the paper's
+# direction: more neurons when the model is uncertain); "sparser": the reverse.
 VARIANTS = {
     "static": dict(schedule="static"),
-    "entropy step, denser when uncertain": dict(schedule="clada", load_signal="entropy", **_DENSER),
-    "entropy step, sparser when uncertain": dict(schedule="clada", load_signal="entropy", **_SPARSER),
-    "surprisal step, denser when surprised": dict(schedule="clada", load_signal="surprisal", **_DENSER),
-    "surprisal step, sparser when surprised": dict(schedule="clada", load_signal="surprisal", **_SPARSER),
-    "AND rule (paper), denser under load": dict(schedule="clada", load_signal="both", **_DENSER),
-    "AND rule, sparser under load": dict(schedule="clada", load_signal="both", **_SPARSER),
-    "continuous entropy, denser when uncertain": dict(schedule="continuous", load_signal="entropy", **_DENSER),
-    "continuous entropy, sparser when uncertain": dict(schedule="continuous", load_signal="entropy", **_SPARSER),
-    "continuous both, denser under load": dict(schedule="continuous", load_signal="both", **_DENSER),
-    "AND rule + re-selection": dict(schedule="clada", load_signal="both", reselect=True, **_DENSER),
-    "AND rule, window 5": dict(schedule="clada", load_signal="both", update_window=5, **_DENSER),
-    "AND rule, window 20": dict(schedule="clada", load_signal="both", update_window=20, **_DENSER),
+    "entropy-denser": dict(schedule="clada", load_signal="entropy", **_DENSER),
+    "entropy-sparser": dict(schedule="clada", load_signal="entropy", **_SPARSER),
+    "surprisal-denser": dict(schedule="clada", load_signal="surprisal", **_DENSER),
+    "surprisal-sparser": dict(schedule="clada", load_signal="surprisal", **_SPARSER),
+    "and-denser": dict(schedule="clada", load_signal="both", **_DENSER),  # the paper's AND rule
+    "and-sparser": dict(schedule="clada", load_signal="both", **_SPARSER),
+    "cont-entropy-denser": dict(schedule="continuous", load_signal="entropy", **_DENSER),
+    "cont-entropy-sparser": dict(schedule="continuous", load_signal="entropy", **_SPARSER),
+    "cont-both-denser": dict(schedule="continuous", load_signal="both", **_DENSER),
+    "and-denser-reselect": dict(schedule="clada", load_signal="both", reselect=True, **_DENSER),
+    "and-denser-w5": dict(schedule="clada", load_signal="both", update_window=5, **_DENSER),
+    "and-denser-w20": dict(schedule="clada", load_signal="both", update_window=20, **_DENSER),
 }
 
 
@@ -33,7 +35,7 @@ def _active(rows):
     return sum(r["active"] for r in rows) / len(rows)
 
 
-def matched(cm, base_config, variant: dict, wins, target: float, tol: float = 0.01, search_windows: int = 2,
+def matched(cm, base_config, variant: dict, wins, target: float, tol: float = 0.01, search_windows: int = 1,
             max_iter: int = 6):
     """Score `variant` with its profile target adjusted until the mean active fraction is within
     tol of `target`. Returns (rows per window, profile target used, measured active fraction)."""
@@ -66,7 +68,7 @@ def run_ablation(cm, base_config, wins, targets=(0.4, 0.5, 0.6), variants=None, 
             results.append(dict(variant=name, target_active=target, profile_target=t, active_fraction=a,
                                 matched=abs(a - target) <= tol, ppl_increase_pct=inc, ci95=[lo, hi],
                                 reselections=sum(w["events"] for w in rows), settings=var))
-            print(f"  active {target:.2f} | {name:<44} | measured {a:.3f} | ppl {inc:+.2f}% [{lo:+.2f}, {hi:+.2f}]")
+            print(f"  active {target:.2f} | {name:<22} | measured {a:.3f} | ppl {inc:+.2f}% [{lo:+.2f}, {hi:+.2f}]")
     return results
 
 

@@ -13,7 +13,7 @@ from clada_compile.evaluate import windows
 from conftest import graphs_for
 
 
-@pytest.mark.parametrize("variant", ["static", "continuous both, denser under load"])
+@pytest.mark.parametrize("variant", ["static", "cont-both-denser"])
 def test_matched_fraction_within_001(variant, tmp_path):
     model, graphs = graphs_for("llama")
     cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
