@@ -158,9 +158,17 @@ def _interp(x, pts):
     return pts[-1][1]
 
 
+def shipped_profile(name: str) -> str | None:
+    """Path of the calibration profile shipped for an embedded model ("smollm2"), or None."""
+    if not name.replace("-", "").replace("_", "").isalnum():
+        return None  # a path, not an embedded model name
+    path = Path(__file__).parent / "profiles" / f"{name}.json"
+    return str(path) if path.is_file() else None
+
+
 def apply_profile(cm, path) -> dict:
     prof = load_profile(path)
-    target = cm.config.target_active if cm.config.target_active < 1.0 else None
+    target = cm.config.target_active
     cm.set_thresholds(profile_taus(prof, cm.n_layers, target))
     cm.profile = prof
     return prof

@@ -45,9 +45,12 @@ class CladaConfig:
     surprisal_threshold / entropy_threshold: percentiles (0..1) of the recent window above which
         a token counts as high-load on that signal (CLADA's AND rule needs both).
     update_window: tokens per controller window (thresholds refresh, high-load check).
-    target_active: fraction of backbone neurons the per-token threshold keeps on average;
-        1.0 disables the per-token threshold (tau = 0). Needs a calibration profile to be < 1.
-    profile: path of a calibration profile JSON (clada-calibrate) with per-layer base thresholds.
+    target_active: fraction of backbone neurons the per-token threshold keeps on average
+        (1.0 disables it). Takes effect with a calibration `profile`, whose per-layer thresholds
+        are re-targeted to this fraction.
+    profile: path of a calibration profile JSON (clada-calibrate) with per-layer base thresholds;
+        None = no per-token threshold (backbone only). `clada_compile.shipped_profile("smollm2")`
+        is the profile shipped for the embedded model.
     schedule: "static" (tau = base), "clada" (a step: tau scaled by high_load_scale when the load
         signal is above its window threshold, low_load_scale when below) or "continuous" (tau
         scaled by a linear blend of the two scales at the signal's percentile rank in the window).
@@ -66,7 +69,7 @@ class CladaConfig:
     surprisal_threshold: float = 0.7
     entropy_threshold: float = 0.7
     update_window: int = 10
-    target_active: float = 1.0
+    target_active: float = 0.5
     profile: str | None = None
     schedule: str = "static"
     load_signal: str = "both"
@@ -102,7 +105,7 @@ class CladaConfig:
 
     @property
     def uses_threshold(self) -> bool:
-        return self.enabled and (self.target_active < 1.0 or self.profile is not None)
+        return self.enabled and self.profile is not None and self.target_active < 1.0
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "CladaConfig":

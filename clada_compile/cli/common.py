@@ -24,7 +24,8 @@ def add_clada_flags(p: argparse.ArgumentParser):
     p.add_argument("--entropy_threshold", type=float, default=None)
     p.add_argument("--update_window", type=int, default=None)
     p.add_argument("--target_active", type=float, default=None, help="mean kept fraction of the per-token threshold")
-    p.add_argument("--profile", default=None, help="calibration profile JSON (clada-calibrate)")
+    p.add_argument("--profile", default=None,
+                   help="calibration profile JSON (clada-calibrate); default: the shipped one for smollm2; 'none' = off")
     p.add_argument("--schedule", default=None, choices=["static", "clada"])
     p.add_argument("--reselect", default=None, action=argparse.BooleanOptionalAction)
     p.add_argument("--kernel", default=None, choices=["auto", "cpp", "reference"])
@@ -37,6 +38,12 @@ def config_from_args(args, **extra):
     fields = ("top_k_ratio", "min_active_neurons", "surprisal_threshold", "entropy_threshold", "update_window",
               "target_active", "profile", "schedule", "reselect", "kernel", "seed")
     kw = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+    if kw.get("profile") == "none":
+        kw["profile"] = None
+    elif "profile" not in kw and getattr(args, "model_path", None):
+        from clada_compile.calibrate import shipped_profile
+
+        kw["profile"] = shipped_profile(args.model_path)  # the embedded model's own calibration
     if getattr(args, "backend", "inductor") in ("inductor", "eager"):
         kw["backend"] = args.backend
     kw["precision"] = "bf16" if args.low_memory_mode and args.precision == "fp32" and args.backend != "ort" else args.precision
