@@ -145,7 +145,7 @@ def profile_taus(prof: dict, n_layers: int, target_active: float | None = None) 
     for layer in prof["layers"]:
         want = min(1.0, layer["active_fraction"] * shift)
         pts = sorted((p["active_fraction"], p["tau"]) for p in layer["curve"])
-        taus.append(_interp(want, pts))
+        taus.append(max(0.0, _interp(want, pts)))  # interpolation rounding must not go negative
     return torch.tensor(taus, dtype=torch.float32)
 
 

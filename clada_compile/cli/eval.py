@@ -33,7 +33,7 @@ def method_configs(args, base):
             if not args.profile:
                 raise ValueError("method 'calibrated' needs --profile (make one with clada-calibrate)")
             out[m] = CladaConfig.preset("calibrated", profile=args.profile, backend=base.backend,
-                                        target_active=args.target_active or 1.0, kernel=base.kernel)
+                                        target_active=base.target_active, kernel=base.kernel)
         elif m == "clada":
             out[m] = base
     return out
