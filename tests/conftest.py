@@ -1,4 +1,5 @@
 import functools
+import os
 import importlib.util
 import sys
 from pathlib import Path
@@ -8,7 +9,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# ../shared beside the checkout (the layout of this workplace); CLADA_SHARED overrides it
+SHARED = Path(os.environ.get("CLADA_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+if not SHARED.is_dir() and Path("/work/shared").is_dir():
+    SHARED = Path("/work/shared")
 
 torch.set_num_threads(2)
 
