@@ -66,7 +66,9 @@ def build_engine(args, config):
     from clada_compile import load_model, optimize
 
     model, tok = load_model(args.model_path, dtype=config.precision)
-    return optimize(model, config, tokenizer=tok), tok
+    engine = optimize(model, config, tokenizer=tok)
+    print(engine.rewrite_summary(), file=sys.stderr)
+    return engine, tok
 
 
 def run_cli(fn, argv=None):
