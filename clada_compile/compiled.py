@@ -27,6 +27,25 @@ def position_ids_from_mask(attention_mask: torch.Tensor, length: int) -> torch.T
     return pos.clamp_min(0)[:, -length:]
 
 
+def check_taus(taus, n_layers: int) -> torch.Tensor:
+    """Validated (n_layers,) float32 thresholds; shared by every engine's set_thresholds."""
+    taus = torch.as_tensor(taus, dtype=torch.float32).reshape(-1)
+    if taus.numel() != n_layers:
+        raise ValueError(f"`taus` must have one value per layer ({n_layers}), got {taus.numel()}")
+    if not torch.isfinite(taus).all() or (taus < 0).any():
+        raise ValueError(f"`taus` must be finite and >= 0, got {taus.tolist()}")
+    return taus
+
+
+def check_indices(indices, layer: int, k: int, d_ff: int) -> torch.Tensor:
+    """Validated, sorted active-set ids of one layer; shared by every engine's set_active."""
+    idx = torch.as_tensor(indices, dtype=torch.long).sort().values
+    if idx.numel() != k or idx.unique().numel() != k or idx.min() < 0 or idx.max() >= d_ff:
+        raise ValueError(f"layer {layer}: `indices` must be {k} distinct neuron ids in [0, {d_ff}), "
+                         f"got {idx.numel()} ids")
+    return idx
+
+
 class CladaModel(nn.Module):
     def __init__(self, model, graphs: CladaGraphs, config: CladaConfig, tokenizer=None, impl: str | None = None):
         super().__init__()
@@ -84,21 +103,12 @@ class CladaModel(nn.Module):
     # ---- host-side state -------------------------------------------------------------------
     @torch.no_grad()
     def set_thresholds(self, taus) -> None:
-        taus = torch.as_tensor(taus, dtype=torch.float32).reshape(-1)
-        if taus.numel() != self.n_layers:
-            raise ValueError(f"`taus` must have one value per layer ({self.n_layers}), got {taus.numel()}")
-        if not torch.isfinite(taus).all() or (taus < 0).any():
-            raise ValueError(f"`taus` must be finite and >= 0, got {taus.tolist()}")
-        self.taus.copy_(taus)
+        self.taus.copy_(check_taus(taus, self.n_layers))
 
     @torch.no_grad()
     def set_active(self, layer: int, indices: torch.Tensor) -> None:
         """Make `indices` (k neuron ids of layer `layer`) the active set: compact weights in place."""
-        idx = torch.as_tensor(indices, dtype=torch.long).sort().values
-        k, d_ff = self.k[layer], self.d_ff[layer]
-        if idx.numel() != k or idx.unique().numel() != k or idx.min() < 0 or idx.max() >= d_ff:
-            raise ValueError(f"layer {layer}: `indices` must be {k} distinct neuron ids in [0, {d_ff}), "
-                             f"got {idx.numel()} ids")
+        idx = check_indices(indices, layer, self.k[layer], self.d_ff[layer])
         f, buf = self.full[layer], self.compact[layer]
         torch.index_select(f["w_in"], 0, idx, out=buf["w_in"])
         buf["w_down_t"].copy_(torch.index_select(f["w_down"], 1, idx).t())

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..compiled import position_ids_from_mask
+from ..compiled import check_indices, check_taus, position_ids_from_mask
 from ..config import CladaConfig
 from .onnx import FILES, read_manifest
 
@@ -248,21 +248,12 @@ class OrtCladaModel:
     # ---- host-side state -------------------------------------------------------------------
     @torch.no_grad()
     def set_thresholds(self, taus) -> None:
-        taus = torch.as_tensor(taus, dtype=torch.float32).reshape(-1)
-        if taus.numel() != self.n_layers:
-            raise ValueError(f"`taus` must have one value per layer ({self.n_layers}), got {taus.numel()}")
-        if not torch.isfinite(taus).all() or (taus < 0).any():
-            raise ValueError(f"`taus` must be finite and >= 0, got {taus.tolist()}")
-        self.taus.copy_(taus)  # in place: the bound buffer keeps its address
+        self.taus.copy_(check_taus(taus, self.n_layers))  # in place: the bound buffer keeps its address
 
     @torch.no_grad()
     def set_active(self, layer: int, indices) -> None:
         """Make `indices` (k neuron ids of layer `layer`) the active set: compact weights in place."""
-        idx = torch.as_tensor(indices, dtype=torch.long).sort().values
-        k, d_ff = self.k[layer], self.d_ff[layer]
-        if idx.numel() != k or idx.unique().numel() != k or idx.min() < 0 or idx.max() >= d_ff:
-            raise ValueError(f"layer {layer}: `indices` must be {k} distinct neuron ids in [0, {d_ff}), "
-                             f"got {idx.numel()} ids")
+        idx = check_indices(indices, layer, self.k[layer], self.d_ff[layer])
         self._fill(layer, idx)
 
     def _fill(self, layer, idx) -> None:
