@@ -37,6 +37,12 @@ Dispatch rule of the op (rows = prod(x.shape[:-1]))
 3. everything else -> the dense masked reference inside the op: rows > 1 (a
    GEMM is compute-bound, skipping rows does not pay), CPU float16, CUDA
    without triton, other devices.
+
+The op's implementation is Python (``_sparse_gemv_t_impl``). Once the C++
+library is loaded (first single-row CPU call, or ``load_cpu_extension()``), it
+also registers a C++ implementation for the CPU dispatch key with the same
+rule and the same ``ValueError`` messages; CPU calls then skip the Python
+layer, which saves ~10-20 us per call (a quarter of a small layer's GEMV).
 """
 
 from __future__ import annotations
@@ -124,7 +130,9 @@ def load_cpu_extension():
 
     Uses ``torch.utils.cpp_extension.load``, so the build is cached in
     ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and reused
-    by later processes. Raises ``KernelUnavailableError`` if it cannot be built.
+    by later processes. Loading also registers the C++ CPU implementation of
+    ``clada::sparse_gemv_t`` (module docstring). Raises
+    ``KernelUnavailableError`` if it cannot be built.
     """
     global _cpu_extension, _cpu_extension_error
     if _cpu_extension is not None:  # hot path: every op call comes through here

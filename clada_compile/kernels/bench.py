@@ -2,7 +2,8 @@
 
 Dense baseline is what a dense model does at decode time: ``F.linear(x, W)``
 with ``W`` (N, K) contiguous. Sparse is the public op ``sparse_gemv_t`` on
-``wt = W.T.contiguous()``, so the timing includes the op's Python dispatch.
+``wt = W.T.contiguous()``, so the timing includes the op's dispatch and input
+checks. The first sparse call builds/loads the C++ kernel (a warm-up call).
 
 Method: same process; the dense and sparse calls alternate so both see the
 same machine state (frequency, other load, cache contents); warm-up calls are
@@ -34,8 +35,8 @@ _WARMUP = 3
 # Auto repeat counts keep the default run (4 shapes x 2 fractions) well under a
 # minute: big shapes cost ~10 ms per dense call, small ones ~0.1 ms.
 _BIG_WEIGHT_ELEMENTS = 10_000_000
-_REPEATS_BIG = 25
-_REPEATS_SMALL = 300
+_REPEATS_BIG = 30
+_REPEATS_SMALL = 1000
 
 
 def _inputs(K: int, fraction: float, dtype: torch.dtype, generator: torch.Generator):
@@ -76,7 +77,7 @@ def run_kernel_bench(
 ) -> list[dict]:
     """Time dense ``F.linear`` vs ``sparse_gemv_t`` for each (K, N) and active fraction.
 
-    ``repeats=None`` picks a count per shape (25 for 7B-class, 300 for small).
+    ``repeats=None`` picks a count per shape (30 for 7B-class, 1000 for small).
     Sets torch's intra-op threads to ``threads`` for the run and restores them.
     Returns one dict per (shape, fraction) with medians, speedup
     (dense / sparse) and the raw per-call timings in milliseconds.

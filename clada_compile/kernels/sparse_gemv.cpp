@@ -15,17 +15,20 @@
 // pass over the active rows, so DRAM traffic is essentially the active weight
 // rows only, read as kGroup long sequential streams.
 //
-// Registered as the op clada_cpu::sparse_gemv_t_cpu; the public op
-// clada::sparse_gemv_t (kernels/__init__.py) validates inputs and calls it.
+// Registers the internal op clada_cpu::sparse_gemv_t_cpu (single row, no user
+// input validation) and, for the CPU dispatch key, an implementation of the
+// public op clada::sparse_gemv_t defined in kernels/__init__.py.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/where.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -42,16 +45,10 @@ namespace {
 // concurrent row streams keep enough loads in flight to saturate DRAM.
 constexpr int kGroup = 8;
 // Accumulator columns per pass: 8192 fp32 = 32 KiB, L1/L2 resident, while
-// keeping each row segment long (up to 32 KiB contiguous) for the prefetchers.
+// keeping each row segment long (up to 32 KiB contiguous) for the hardware
+// prefetchers. (Software prefetch of the next group's rows was tried and
+// measured slower, also on the small layers with 1-3 KiB segments.)
 constexpr int64_t kChunk = 8192;
-// Row segments up to this long are software-prefetched whole, one group ahead,
-// into L2. Short segments (small layers, or N split over many threads) end
-// before the hardware prefetcher has ramped up; long ones it handles well, and
-// there extra prefetch instructions measured slower.
-#ifndef CLADA_PREFETCH_MAX_SEGMENT
-#define CLADA_PREFETCH_MAX_SEGMENT 4096
-#endif
-constexpr int64_t kPrefetchMaxSegment = CLADA_PREFETCH_MAX_SEGMENT;
 // Column granularity of the thread split: 32 fp32 = two cache lines of output,
 // so threads never write to the same output cache line.
 constexpr int64_t kBlock = 32;
@@ -59,9 +56,10 @@ constexpr int64_t kBlock = 32;
 // it saves (OpenMP fork/join is a few microseconds).
 constexpr int64_t kMinWorkPerThread = 1 << 15;
 
-// GCC/Clang vector extensions instead of intrinsics: portable across ISAs and
-// compiled to AVX2/AVX-512 FMAs with -march=native (checked in the assembly:
-// the fp32 inner loop is one vfmadd...ps ymm with a memory operand per 8 floats).
+// GCC/Clang vector extensions instead of intrinsics: portable across ISAs;
+// with -march=native on an AVX2 machine they compile to 256-bit FMAs (checked
+// in the assembly: the fp32 inner loop is one vfmadd...ps ymm with a memory
+// operand per 8 floats). The loop is memory-bound, so 512-bit would not help.
 typedef float vf __attribute__((vector_size(32)));
 constexpr int64_t kVec = 8;
 
@@ -146,15 +144,6 @@ inline void store_output(c10::BFloat16* out, const float* acc, int64_t n) {
   for (int64_t c = 0; c < n; ++c) out[c] = c10::BFloat16(acc[c]);  // round to nearest even
 }
 
-// Prefetch a group of row segments of `bytes` each into L2 (locality 2).
-template <typename T>
-inline void prefetch_rows(const T* wt, int64_t ld, const int32_t* idx, int64_t cs, int64_t bytes) {
-  for (int g = 0; g < kGroup; ++g) {
-    const char* p = reinterpret_cast<const char*>(wt + static_cast<int64_t>(idx[g]) * ld + cs);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
-  }
-}
-
 // One thread's share: output columns [c0, c1), in chunks of kChunk columns.
 template <typename T>
 void gemv_column_block(const T* wt, int64_t ld, const int32_t* idx, const float* val,
@@ -164,12 +153,9 @@ void gemv_column_block(const T* wt, int64_t ld, const int32_t* idx, const float*
   const T* rows[kGroup];
   for (int64_t cs = c0; cs < c1; cs += kChunk) {
     const int64_t n = std::min(kChunk, c1 - cs);
-    const int64_t segment_bytes = n * static_cast<int64_t>(sizeof(T));
-    const bool prefetch = segment_bytes <= kPrefetchMaxSegment;
     std::memset(acc, 0, n * sizeof(float));
     int64_t a = 0;
     for (; a + kGroup <= nact; a += kGroup) {
-      if (prefetch && a + 2 * kGroup <= nact) prefetch_rows(wt, ld, idx + a + kGroup, cs, segment_bytes);
       for (int g = 0; g < kGroup; ++g) rows[g] = wt + static_cast<int64_t>(idx[a + g]) * ld + cs;
       accumulate_rows<kGroup>(acc, n, rows, val + a);
     }
@@ -231,10 +217,14 @@ bool is_row_major(const at::Tensor& wt) {
   return (wt.stride(1) == 1 || wt.size(1) <= 1) && (wt.stride(0) >= wt.size(1) || wt.size(0) <= 1);
 }
 
+// Calls of the single-row kernel, for tests and debugging of the dispatch.
+std::atomic<int64_t> g_kernel_calls{0};
+
 // x (..., K) holding one row; returns (..., N) in x's dtype.
 at::Tensor sparse_gemv_t_cpu(const at::Tensor& x_in, const at::Tensor& wt_in, const at::Tensor& tau) {
-  // The Python op validates user input with readable errors; these checks only
-  // guard the raw pointer arithmetic against direct misuse of this op.
+  // User input is validated with readable errors by the op (check_inputs here,
+  // _check_inputs in Python); these checks only guard the pointer arithmetic
+  // against direct misuse of this internal op.
   TORCH_CHECK(x_in.device().is_cpu() && wt_in.device().is_cpu() && tau.device().is_cpu(),
               "sparse_gemv_t_cpu: CPU tensors only");
   TORCH_CHECK(wt_in.dim() == 2, "sparse_gemv_t_cpu: wt must be 2-D (K, N)");
@@ -248,6 +238,7 @@ at::Tensor sparse_gemv_t_cpu(const at::Tensor& x_in, const at::Tensor& wt_in, co
   TORCH_CHECK(x_in.scalar_type() == wt_in.scalar_type(), "sparse_gemv_t_cpu: x and wt dtypes differ");
   TORCH_CHECK(tau.numel() == 1 && tau.scalar_type() == at::kFloat,
               "sparse_gemv_t_cpu: tau must be a 1-element float32 tensor");
+  g_kernel_calls.fetch_add(1, std::memory_order_relaxed);
   out_sizes.back() = N;
   at::Tensor y = at::empty(out_sizes, x_in.options());
   if (N == 0) return y;
@@ -255,7 +246,7 @@ at::Tensor sparse_gemv_t_cpu(const at::Tensor& x_in, const at::Tensor& wt_in, co
   // wt costs a full copy; callers should store wt row-major.
   const at::Tensor x = x_in.contiguous();
   const at::Tensor wt = is_row_major(wt_in) ? wt_in : wt_in.contiguous();
-  const float t = tau.item<float>();
+  const float t = *tau.const_data_ptr<float>();  // item() would be another dispatcher round trip
   switch (x.scalar_type()) {
     case at::kFloat:
       sparse_gemv_t_typed<float>(x, wt, t, y);
@@ -269,8 +260,68 @@ at::Tensor sparse_gemv_t_cpu(const at::Tensor& x_in, const at::Tensor& wt_in, co
   return y;
 }
 
+// --- clada::sparse_gemv_t for the CPU dispatch key ----------------------------
+// The op is defined in Python (kernels/__init__.py) with one Python
+// implementation for all devices. Once this library is loaded, the function
+// below takes over CPU calls: the same dispatch rule and the same ValueError
+// messages, minus ~10-20 us of Python per call, which is a quarter of a
+// small layer's GEMV. Keep both in sync.
+
+std::string py_shape(at::IntArrayRef sizes) {  // Python's tuple repr: (), (3,), (3, 5)
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(sizes[i]);
+  }
+  return s + (sizes.size() == 1 ? ",)" : ")");
+}
+
+std::string py_dtype(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& tau) {
+  TORCH_CHECK_VALUE(wt.dim() == 2, "`wt` must be 2-D (K, N), got shape ", py_shape(wt.sizes()));
+  TORCH_CHECK_VALUE(x.dim() >= 1, "`x` must have shape (..., K), got shape ", py_shape(x.sizes()));
+  TORCH_CHECK_VALUE(x.size(-1) == wt.size(0), "`x` last dim must equal `wt` rows (K): got x shape ",
+                    py_shape(x.sizes()), ", wt shape ", py_shape(wt.sizes()));
+  TORCH_CHECK_VALUE(x.scalar_type() == wt.scalar_type(), "`x` and `wt` dtypes must match, got ",
+                    py_dtype(x.scalar_type()), " and ", py_dtype(wt.scalar_type()));
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "`x` must be a floating-point tensor, got ",
+                    py_dtype(x.scalar_type()));
+  TORCH_CHECK_VALUE(tau.scalar_type() == at::kFloat && tau.numel() == 1 && tau.dim() <= 1,
+                    "`tau` must be a 1-element float32 tensor (0-dim or shape (1,)), got dtype ",
+                    py_dtype(tau.scalar_type()), " shape ", py_shape(tau.sizes()));
+  TORCH_CHECK_VALUE(x.device() == wt.device(), "`x` and `wt` must be on one device, got ",
+                    x.device().str(), " and ", wt.device().str());
+}
+
+// reference_sparse_gemv_t: threshold test in float32, then a dense matmul.
+at::Tensor reference(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& tau) {
+  at::Tensor mag = x.abs();
+  if (mag.scalar_type() == at::kHalf || mag.scalar_type() == at::kBFloat16) mag = mag.to(at::kFloat);
+  return at::where(mag.ge(tau), x, 0).matmul(wt);
+}
+
+at::Tensor sparse_gemv_t_op_cpu(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& tau) {
+  check_inputs(x, wt, tau);
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const bool kernel_dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  if (rows == 1 && kernel_dtype && x.device().is_cpu() && wt.device().is_cpu()) {
+    return sparse_gemv_t_cpu(x, wt, tau.device().is_cpu() ? tau : tau.cpu());
+  }
+  return reference(x, wt, tau.to(x.device()));
+}
+
+int64_t kernel_calls() { return g_kernel_calls.load(std::memory_order_relaxed); }
+
 }  // namespace
 
 TORCH_LIBRARY(clada_cpu, m) {
   m.def("sparse_gemv_t_cpu(Tensor x, Tensor wt, Tensor tau) -> Tensor", &sparse_gemv_t_cpu);
+  m.def("kernel_calls() -> int", &kernel_calls);
+}
+
+TORCH_LIBRARY_IMPL(clada, CPU, m) {
+  m.impl("sparse_gemv_t", &sparse_gemv_t_op_cpu);
 }
