@@ -35,20 +35,21 @@ def _active(rows):
     return sum(r["active"] for r in rows) / len(rows)
 
 
-def matched(cm, base_config, variant: dict, wins, target: float, tol: float = 0.01, search_windows: int = 1,
-            max_iter: int = 6):
+def matched(cm, base_config, variant: dict, wins, target: float, tol: float = 0.01, search_windows: int = 2,
+            max_iter: int = 6, cache=None, start: float | None = None):
     """Score `variant` with its profile target adjusted until the mean active fraction is within
-    tol of `target`. Returns (rows per window, profile target used, measured active fraction)."""
-    t = target
+    tol of `target`. Returns (rows per window, profile target used, measured active fraction).
+    cache: prompt prefills shared across calls (evaluate.score); start: first profile target tried."""
+    t = target if start is None else start
     search = wins[:search_windows]
     for _ in range(max_iter):  # cheap search on a few windows: active fraction is ~linear in t
-        rows = score(cm.with_config(base_config.replace(target_active=t, **variant)), search, desc="search")
+        rows = score(cm.with_config(base_config.replace(target_active=t, **variant)), search, desc="search", cache=cache)
         a = _active(rows)
         if abs(a - target) <= tol / 2:
             break
         t = min(0.999, max(0.02, t + (target - a)))
     for _ in range(max_iter):  # confirm (and correct) on every window
-        rows = score(cm.with_config(base_config.replace(target_active=t, **variant)), wins, desc="score")
+        rows = score(cm.with_config(base_config.replace(target_active=t, **variant)), wins, desc="score", cache=cache)
         a = _active(rows)
         if abs(a - target) <= tol:
             break
@@ -58,17 +59,30 @@ def matched(cm, base_config, variant: dict, wins, target: float, tol: float = 0.
 
 def run_ablation(cm, base_config, wins, targets=(0.4, 0.5, 0.6), variants=None, dense=None, tol: float = 0.01):
     variants = variants or VARIANTS
-    dense = dense or score(cm, wins, baseline=True, desc="dense")
+    cache = {}
+    dense = dense or score(cm, wins, baseline=True, desc="dense", cache=cache)
     d_nll = [w["nll"] for w in dense]
     results = []
+    static = {}  # target -> static rows: each variant is also compared with static, paired by window
+    if "static" in variants:
+        variants = {"static": variants["static"], **variants}
     for target in targets:
         for name, var in variants.items():
-            rows, t, a = matched(cm, base_config, var, wins, target, tol)
+            rows, t, a = matched(cm, base_config, var, wins, target, tol, cache=cache)
             inc, lo, hi = bootstrap_ratio(d_nll, [w["nll"] for w in rows])
-            results.append(dict(variant=name, target_active=target, profile_target=t, active_fraction=a,
-                                matched=abs(a - target) <= tol, ppl_increase_pct=inc, ci95=[lo, hi],
-                                reselections=sum(w["events"] for w in rows), settings=var))
-            print(f"  active {target:.2f} | {name:<22} | measured {a:.3f} | ppl {inc:+.2f}% [{lo:+.2f}, {hi:+.2f}]")
+            row = dict(variant=name, target_active=target, profile_target=t, active_fraction=a,
+                       matched=abs(a - target) <= tol, ppl_increase_pct=inc, ci95=[lo, hi],
+                       reselections=sum(w["events"] for w in rows), settings=var)
+            if name == "static":
+                static[target] = rows
+            elif target in static:  # the question the ablation asks: better than static, same sparsity?
+                v, vlo, vhi = bootstrap_ratio([w["nll"] for w in static[target]], [w["nll"] for w in rows])
+                row.update(vs_static_pct=v, vs_static_ci95=[vlo, vhi])
+            results.append(row)
+            vs = f" | vs static {row['vs_static_pct']:+.2f}% [{row['vs_static_ci95'][0]:+.2f}, " \
+                 f"{row['vs_static_ci95'][1]:+.2f}]" if "vs_static_pct" in row else ""
+            print(f"  active {target:.2f} | {name:<22} | measured {a:.3f} | ppl {inc:+.2f}% [{lo:+.2f}, {hi:+.2f}]{vs}",
+                  flush=True)
     return results
 
 

@@ -144,17 +144,27 @@ class CladaModel(nn.Module):
         return out[0], list(out[1:1 + 2 * n]), list(out[1 + 2 * n:])
 
     @torch.no_grad()
-    def decode(self, input_ids, attention_mask, past, with_active=False):
+    def decode(self, input_ids, attention_mask, past, with_active=False, taus=None):
         """Compacted-weight step(s) on top of a KV cache -> (logits, presents[, kept per layer]).
 
-        kept: (n_layers,) neurons with |h| >= tau, summed over the step's tokens."""
+        kept: (n_layers,) neurons with |h| >= tau, summed over the step's tokens.
+        taus: None (the current thresholds) or one threshold per layer AND token, (n_layers, B, S):
+        teacher-forced scoring feeds a whole continuation in one call with the thresholds the
+        controller chose for each of its tokens (evaluate.score_parallel)."""
         pos = position_ids_from_mask(attention_mask, input_ids.shape[1])
+        if taus is None:
+            taus = self.taus
+        else:
+            want = (self.n_layers, *input_ids.shape)
+            if tuple(taus.shape) != want:
+                raise ValueError(f"per-token `taus` must have shape {want} (layers, batch, seq), got {tuple(taus.shape)}")
+            taus = taus.float().unsqueeze(-1)  # (L, B, S, 1): broadcasts over the neurons
         # the cache grows every step: compile its length as symbolic from the first call instead of
         # specializing on it and recompiling at step two (batch and step width stay static)
         for t in past:
             torch._dynamo.maybe_mark_dynamic(t, 2)
         torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
-        out = self._decode_fn(input_ids, attention_mask, pos, *past, self.taus, *self._decode_weights)
+        out = self._decode_fn(input_ids, attention_mask, pos, *past, taus, *self._decode_weights)
         n = self.n_layers
         presents = list(out[1:1 + 2 * n])
         if with_active:

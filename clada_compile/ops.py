@@ -10,7 +10,8 @@ Two ops, one per phase of generation (see DESIGN.md, "The sparse MLP block"):
                      row: that is the layout the input-sparse GEMV kernel streams.
 
 Both take `tau`, a 1-element tensor that is a graph input: neurons with |h_j| < tau are dropped
-(tau = 0 keeps them all). `impl` picks how the down projection runs:
+(tau = 0 keeps them all). Teacher-forced scoring may pass one threshold per token instead
+((B, S, 1); only through the masked path, the GEMV kernel serves single rows). `impl` picks how the down projection runs:
   "dense"      plain matmul, no mask (the baseline through the same graph),
   "reference"  masked dense matmul,
   "auto"/"cpp" the sparse GEMV kernel when there is exactly one token row (decode, batch 1),
@@ -46,7 +47,14 @@ def griffin_scores(h: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     return hn.pow(2).sum(dim=1).sqrt()
 
 
+def _per_row(tau: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    # one threshold per token (teacher-forced scoring): (B, S, 1), or (B*S, 1) where the model
+    # flattened its tokens before the MLP (OPT)
+    return tau if tau.numel() == 1 else tau.reshape(*h.shape[:-1], 1)
+
+
 def threshold_mask(h: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    tau = _per_row(tau, h)
     return torch.where(h.abs() >= tau.to(h.dtype), h, torch.zeros((), dtype=h.dtype, device=h.device))
 
 
@@ -98,7 +106,7 @@ def sparse_mlp(
     else:
         out = threshold_mask(h, tau) @ w_down_t
     # neurons actually kept, summed over the step's tokens: the controller reports real sparsity
-    kept = (h.abs() >= tau.to(h.dtype)).sum().to(torch.float32)
+    kept = (h.abs() >= _per_row(tau, h).to(h.dtype)).sum().to(torch.float32)
     return (out if b_down is None else out + b_down), kept
 
 

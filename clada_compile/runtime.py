@@ -100,6 +100,7 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    entry = engine.taus.clone()
     base = engine.taus.clone() if base_taus is None else torch.as_tensor(base_taus, dtype=torch.float32)
     if not enabled:
         base = torch.zeros_like(base)
@@ -174,6 +175,7 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
         logits, past, kept = engine.decode(tok[:, None], mask, past, with_active=True)
     bar.close()
     out.decode_s = time.perf_counter() - t_dec
+    engine.set_thresholds(entry)  # the controller's last scaling must not become the next call's base
     out.prefill_s = prefill_s
     out.sequences = seqs
     out.new_tokens = seqs.shape[1] - input_ids.shape[1]

@@ -54,6 +54,9 @@ def main_impl(argv=None):
     p.add_argument("--start_token", type=int, default=8192,
                    help="windows start after this many tokens (clada-calibrate uses the first 4096 by default)")
     p.add_argument("--json", default=None)
+    p.add_argument("--scorer", default="auto", choices=("auto", "parallel", "sequential"),
+                   help="teacher-forced scoring: one decode call per controller round (parallel, exact, the "
+                        "default where it applies: no re-selection) or one step per token (sequential)")
     p.add_argument("--ablation", action="store_true",
                    help="controller ablation at matched sparsity (needs --profile); writes --json and a PNG")
     p.add_argument("--ablation_targets", default="0.4,0.5,0.6")
@@ -77,11 +80,12 @@ def main_impl(argv=None):
     cm = optimize(model, base.replace(profile=None, target_active=1.0), tokenizer=tok)
     if args.ablation:
         return _ablation(args, cm, base, wins)
-    results, dense = [], None
+    results, dense, cache = [], None, {}
     for name, cfg in configs.items():
         if name == "dense":
             continue
-        res, dense = evaluate(cm.with_config(cfg), wins, dense, args.agreement_tokens, name)
+        res, dense = evaluate(cm.with_config(cfg), wins, dense, args.agreement_tokens, name,
+                              scorer=args.scorer, cache=cache)
         res["config"] = {k: v for k, v in cfg.__dict__.items()}
         results.append(res)
         print(f"{name:>11}: ppl {res['ppl']:.3f} vs dense {res['dense_ppl']:.3f} "
