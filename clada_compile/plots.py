@@ -50,7 +50,8 @@ def plot_frontier(curves: dict[str, list[tuple[float, float]]], path, title: str
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.axhline(1.0, color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("perplexity increase vs dense (%)")
+    ax.set_xscale("symlog", linthresh=2.0)  # a few % and +100% on one axis
+    ax.set_xlabel("perplexity increase vs dense (%, linear below 2, log above)")
     ax.set_ylabel("decode speedup vs dense (x)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)

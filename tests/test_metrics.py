@@ -96,3 +96,31 @@ def test_bench_and_eval_smoke(tiny_dir, tmp_path):
     assert {"dense_ppl", "ppl", "ppl_increase_pct", "ppl_increase_ci95", "active_fraction",
             "greedy_first_divergence_mean", "greedy_rouge_l_mean"} <= set(r)
     assert r["scored_tokens"] == 16
+
+
+def test_sweep_smoke(tiny_dir, tmp_path):
+    from clada_compile import CladaConfig
+    from clada_compile.calibrate import calibrate
+    from clada_compile.cli import bench
+    from clada_compile.compiled import CladaModel
+
+    prof = tmp_path / "p.json"
+    model, graphs = graphs_for("llama")
+    cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
+    prof.write_text(json.dumps(calibrate(cm, torch.randint(3, 90, (256,)), 0.5, 10.0, window=64)))
+    out = tmp_path / "sweep.json"
+    text = SHARED / "data" / "wikitext-2" / "valid.txt"
+    assert bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--sweep", "--text", str(text),
+                            "--profile", str(prof), "--sweep_top_k", "0.75,0.5", "--sweep_targets", "0.6",
+                            "--windows", "2", "--prompt_tokens", "16", "--continuation_tokens", "8",
+                            "--prompt_len", "16", "--new_tokens", "6", "--repeats", "2", "--json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert [(p["method"], p["value"]) for p in s["points"]] == [
+        ("griffin", 0.75), ("griffin", 0.5), ("paper", 0.75), ("paper", 0.5), ("calibrated", 0.6)]
+    for p in s["points"]:
+        assert {"ppl_increase_pct", "ppl_increase_ci95", "speedup", "tokens_per_s", "eval_active_fraction",
+                "decode_active_fraction"} <= set(p)
+        assert len(p["raw_tokens_per_s"]) == 2
+    assert out.with_suffix(".png").stat().st_size > 0
+    with pytest.raises(ValueError, match="--text"):
+        bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--sweep"])

@@ -2,6 +2,7 @@
 
     clada-bench --backend inductor --prompt_len 256 --new_tokens 128 --profile p.json --json bench.json
     clada-bench kernels                       # sparse GEMV kernel vs dense F.linear
+    clada-bench --sweep --text ../shared/data/wikitext-2/valid.txt --json sweep.json   # frontier + PNG
 """
 
 from __future__ import annotations
@@ -95,9 +96,22 @@ def main_impl(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--text", default=None, help="text the prompt is cut from (default: a fixed English paragraph)")
     p.add_argument("--json", default=None)
+    g = p.add_argument_group("sweep (speed-vs-quality frontier; needs --text)")
+    g.add_argument("--sweep", action="store_true")
+    g.add_argument("--sweep_methods", default="griffin,paper,calibrated")
+    g.add_argument("--sweep_top_k", default="0.9,0.75,0.6,0.5", help="top_k_ratio values (griffin, paper)")
+    g.add_argument("--sweep_targets", default="0.8,0.65,0.5,0.35", help="target_active values (calibrated)")
+    g.add_argument("--windows", type=int, default=8)
+    g.add_argument("--prompt_tokens", type=int, default=384)
+    g.add_argument("--continuation_tokens", type=int, default=128)
+    g.add_argument("--start_token", type=int, default=8192)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     config = config_from_args(args)
+    if args.sweep and args.backend == "ort":
+        raise ValueError("--sweep runs on the torch backends (inductor, eager); measure ORT points with --backend ort")
+    if args.sweep and not args.text:
+        raise ValueError("--sweep needs --text FILE to score perplexity on (e.g. ../shared/data/wikitext-2/valid.txt)")
     engine, tok = build_engine(args, config)
     if args.text:
         from clada_compile.data import load_text_tokens
@@ -108,6 +122,8 @@ def main_impl(argv=None):
         ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.prompt_len]
     if ids.shape[1] < args.prompt_len:
         raise ValueError(f"the prompt text has only {ids.shape[1]} tokens, fewer than --prompt_len {args.prompt_len}")
+    if args.sweep:
+        return _sweep(args, config, engine, tok, ids)
     res = bench_decode(engine, ids, args.new_tokens, args.repeats)
     report = dict(machine=machine(), model=args.model_path, backend=args.backend, prompt_len=args.prompt_len,
                   new_tokens=args.new_tokens, repeats=args.repeats, config=config.__dict__,
@@ -120,6 +136,40 @@ def main_impl(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
         print(f"wrote {args.json}")
+    return 0
+
+
+def _floats(text: str, flag: str):
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"`{flag}` must be comma-separated numbers, got {text!r}") from None
+
+
+def _sweep(args, config, engine, tok, ids):
+    from clada_compile.data import load_text_tokens
+    from clada_compile.evaluate import windows
+    from clada_compile.sweep import frontier_table, plot_sweep, run_sweep, sweep_points
+
+    points = sweep_points(args.sweep_methods.split(","), _floats(args.sweep_top_k, "--sweep_top_k"),
+                          _floats(args.sweep_targets, "--sweep_targets"), args.backend, config.kernel, config.profile)
+    span = args.prompt_tokens + args.continuation_tokens
+    text_ids = load_text_tokens(args.text, tok, max(args.windows * span * 4, 200_000))
+    start = args.start_token if text_ids.numel() - args.start_token >= span else 0
+    wins = windows(text_ids[start:], args.windows, args.prompt_tokens, args.continuation_tokens)
+    res = run_sweep(engine, points, wins, ids, args.new_tokens, args.repeats)
+    print(frontier_table(res))
+    print(f"(quality: {len(wins)} windows x {args.continuation_tokens} scored tokens after {args.prompt_tokens}; "
+          f"speed: median of {args.repeats} round-robin runs, {args.prompt_len} prompt + {args.new_tokens} new tokens, "
+          f"{args.backend}, {torch.get_num_threads()} threads)")
+    out = Path(args.json or "sweep.json")
+    report = dict(machine=machine(), model=args.model_path, backend=args.backend, text=args.text, windows=len(wins),
+                  prompt_tokens=args.prompt_tokens, continuation_tokens=args.continuation_tokens,
+                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, **res)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    plot_sweep(res, out.with_suffix(".png"), title=f"{args.model_path}, {args.backend}: decode speedup vs perplexity "
+               f"({len(wins)}x{args.continuation_tokens} tokens)")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

@@ -1,0 +1,95 @@
+"""The speed-vs-quality frontier (clada-bench --sweep): one point per method and sparsity budget.
+
+Quality: teacher-forced perplexity increase on text windows (evaluate.score through an eager twin
+of each configuration: same graphs, same numbers, no compile per point), bootstrap CI over windows.
+Speed: greedy decode tokens/s on the benchmark's backend, dense and EVERY configuration interleaved
+round-robin in one process (dense, p1, p2, ..., dense, p1, ...), warm-up round excluded, median of
+the repeats; speedup = median(point) / median(dense).
+
+Methods (the issue's baselines):
+  griffin     static prompt selection at top_k_ratio r, no controller, no per-token threshold
+  paper       CLADA as the paper configures it: top_k_ratio r, AND rule at percentiles 0.7,
+              window 10, re-selection on high-load events
+  calibrated  full backbone, per-token thresholds from the calibration profile at target_active t
+"""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from .config import CladaConfig
+from .evaluate import score
+from .metrics import bootstrap_ratio, interleaved
+
+METHODS = ("griffin", "paper", "calibrated")
+
+
+def sweep_points(methods, top_ks, targets, backend: str, kernel: str = "auto", profile=None):
+    """[(method, knob, value, CladaConfig)] for the grid."""
+    pts = []
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown sweep method {m!r}; choose from {', '.join(METHODS)}")
+        if m in ("griffin", "paper"):
+            pts += [(m, "top_k_ratio", r, CladaConfig.preset(m, top_k_ratio=r, backend=backend)) for r in top_ks]
+        else:
+            if profile is None:
+                raise ValueError("sweep method 'calibrated' needs a profile (--profile, or the shipped one for smollm2)")
+            pts += [(m, "target_active", t, CladaConfig.preset("calibrated", profile=profile, target_active=t,
+                                                               backend=backend, kernel=kernel)) for t in targets]
+    return pts
+
+
+def run_sweep(cm, points, wins, prompt_ids, new_tokens: int, repeats: int):
+    """cm: any CladaModel of the model (its traced graphs are shared by every point)."""
+    cache = {}
+    eager = cm.with_config(CladaConfig(backend="eager", enabled=False))
+    dense_nll = [w["nll"] for w in score(eager, wins, baseline=True, desc="dense", cache=cache)]
+    rows = []
+    for method, knob, value, cfg in tqdm(points, desc="quality"):
+        s = score(cm.with_config(cfg.replace(backend="eager")), wins, desc=f"{method} {value}", cache=cache)
+        inc, lo, hi = bootstrap_ratio(dense_nll, [w["nll"] for w in s])
+        rows.append(dict(method=method, knob=knob, value=value, ppl_increase_pct=inc, ppl_increase_ci95=[lo, hi],
+                         eval_active_fraction=sum(w["active"] for w in s) / len(s)))
+
+    engines = [cm.with_config(cfg) for *_, cfg in points]
+    dense = engines[0].dense()
+    active = {i: [] for i in range(len(points))}
+
+    def gen(i):
+        def fn():
+            o = engines[i].generate(prompt_ids, max_new_tokens=new_tokens)
+            active[i].append(o.mean_active_fraction)
+            return o.decode_tokens_per_s
+        return fn
+
+    fns = {"dense": lambda: dense.generate(prompt_ids, max_new_tokens=new_tokens).decode_tokens_per_s}
+    fns.update({f"p{i}": gen(i) for i in range(len(points))})
+    timing = interleaved(fns, repeats=repeats, warmup=1)
+    d = timing["dense"]["median"]
+    for i, row in enumerate(rows):
+        t = timing[f"p{i}"]
+        row.update(tokens_per_s=t["median"], speedup=t["median"] / d, raw_tokens_per_s=t["raw"],
+                   decode_active_fraction=sum(active[i][1:]) / max(len(active[i]) - 1, 1))
+    return dict(dense_tokens_per_s=d, dense_raw_tokens_per_s=timing["dense"]["raw"], points=rows)
+
+
+def frontier_table(res) -> str:
+    lines = ["| method | knob | value | PPL increase % (95% CI) | active frac. (eval / decode) | tok/s | speedup |",
+             "|---|---|---|---|---|---|---|",
+             f"| dense | | | 0 | 1.000 / 1.000 | {res['dense_tokens_per_s']:.2f} | 1.000x |"]
+    for r in res["points"]:
+        lo, hi = r["ppl_increase_ci95"]
+        lines.append(f"| {r['method']} | {r['knob']} | {r['value']} | {r['ppl_increase_pct']:+.2f} ({lo:+.2f}..{hi:+.2f}) | "
+                     f"{r['eval_active_fraction']:.3f} / {r['decode_active_fraction']:.3f} | {r['tokens_per_s']:.2f} | "
+                     f"{r['speedup']:.3f}x |")
+    return "\n".join(lines)
+
+
+def plot_sweep(res, path, title: str = ""):
+    from .plots import plot_frontier
+
+    curves = {}
+    for r in res["points"]:
+        curves.setdefault(r["method"], []).append((r["ppl_increase_pct"], r["speedup"]))
+    return plot_frontier(curves, path, title)
