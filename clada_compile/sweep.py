@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from .config import CladaConfig
 from .evaluate import score
-from .metrics import bootstrap_ratio, interleaved
+from .metrics import bootstrap_ratio
+from .timing import time_engines
 
 METHODS = ("griffin", "paper", "calibrated")
 
@@ -52,25 +53,14 @@ def run_sweep(cm, points, wins, prompt_ids, new_tokens: int, repeats: int):
         rows.append(dict(method=method, knob=knob, value=value, ppl_increase_pct=inc, ppl_increase_ci95=[lo, hi],
                          eval_active_fraction=sum(w["active"] for w in s) / len(s)))
 
-    engines = [cm.with_config(cfg) for *_, cfg in points]
-    dense = engines[0].dense()
-    active = {i: [] for i in range(len(points))}
-
-    def gen(i):
-        def fn():
-            o = engines[i].generate(prompt_ids, max_new_tokens=new_tokens)
-            active[i].append(o.mean_active_fraction)
-            return o.decode_tokens_per_s
-        return fn
-
-    fns = {"dense": lambda: dense.generate(prompt_ids, max_new_tokens=new_tokens).decode_tokens_per_s}
-    fns.update({f"p{i}": gen(i) for i in range(len(points))})
-    timing = interleaved(fns, repeats=repeats, warmup=1)
+    engines = {"dense": (cm.with_config(points[0][3]).dense(), True)}
+    engines.update({f"p{i}": (cm.with_config(cfg), False) for i, (*_, cfg) in enumerate(points)})
+    timing = time_engines(engines, prompt_ids, new_tokens, repeats)
     d = timing["dense"]["median"]
     for i, row in enumerate(rows):
         t = timing[f"p{i}"]
         row.update(tokens_per_s=t["median"], speedup=t["median"] / d, raw_tokens_per_s=t["raw"],
-                   decode_active_fraction=sum(active[i][1:]) / max(len(active[i]) - 1, 1))
+                   decode_active_fraction=t["active_fraction"])
     return dict(dense_tokens_per_s=d, dense_raw_tokens_per_s=timing["dense"]["raw"], points=rows)
 
 

@@ -86,6 +86,14 @@ def test_bench_and_eval_smoke(tiny_dir, tmp_path):
     b = json.loads(out.read_text())
     assert {"machine", "dense_tokens_per_s", "clada_tokens_per_s", "speedup", "runs", "peak_rss_mb"} <= set(b)
     assert len(b["runs"]["dense"]) == 2 and {"cpu", "threads", "torch"} <= set(b["machine"])
+    out = tmp_path / "kernel_ab.json"
+    assert bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--prompt_len", "16",
+                            "--new_tokens", "8", "--repeats", "2", "--profile", str(prof), "--target_active", "0.5",
+                            "--kernel_ab", "--json", str(out)]) == 0
+    k = json.loads(out.read_text())["results"]
+    assert set(k) == {"dense", "kernel_off", "kernel_on"} and k["dense"]["speedup"] == 1.0
+    # same thresholds either way: the kernel changes the speed, not what is kept
+    assert abs(k["kernel_on"]["active_fraction"] - k["kernel_off"]["active_fraction"]) < 1e-6 < 1 - k["kernel_on"]["active_fraction"]
     out = tmp_path / "eval.json"
     assert ev.main_impl(["--model_path", str(tiny_dir), "--text", str(text), "--windows", "2",
                          "--prompt_tokens", "16", "--continuation_tokens", "8", "--agreement_tokens", "4",

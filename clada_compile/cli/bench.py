@@ -45,28 +45,28 @@ def peak_rss_mb() -> float:
 
 def bench_decode(engine, prompt_ids, new_tokens: int, repeats: int):
     """Interleaved dense/CLADA greedy generation; decode tokens/s (prefill excluded) per run."""
-    from clada_compile.metrics import interleaved
+    from clada_compile.timing import time_engines
 
-    runs = {"dense": [], "clada": []}
-
-    def run(mode):
-        def fn():
-            o = engine.generate(prompt_ids, max_new_tokens=new_tokens, baseline=mode == "dense")
-            runs[mode].append(dict(decode_tokens_per_s=o.decode_tokens_per_s, prefill_s=o.prefill_s,
-                                   decode_s=o.decode_s, active_fraction=o.mean_active_fraction,
-                                   reselections=o.events))
-            return o.decode_tokens_per_s
-        return fn
-
-    res = interleaved({"dense": run("dense"), "clada": run("clada")}, repeats=repeats, warmup=1)
-    for mode in runs:
-        runs[mode] = runs[mode][1:]  # drop the warm-up run
+    t = time_engines({"dense": (engine, True), "clada": (engine, False)}, prompt_ids, new_tokens, repeats)
     return dict(
-        dense_tokens_per_s=res["dense"]["median"], clada_tokens_per_s=res["clada"]["median"],
-        speedup=res["clada"]["median"] / res["dense"]["median"],
-        clada_active_fraction=sum(r["active_fraction"] for r in runs["clada"]) / len(runs["clada"]),
-        runs=runs,
+        dense_tokens_per_s=t["dense"]["median"], clada_tokens_per_s=t["clada"]["median"],
+        speedup=t["clada"]["median"] / t["dense"]["median"], clada_active_fraction=t["clada"]["active_fraction"],
+        runs={name: t[name]["runs"] for name in t},
     )
+
+
+def bench_kernel_ab(engine, prompt_ids, new_tokens: int, repeats: int):
+    """The end-to-end effect of the sparse GEMV kernel: dense, CLADA with the masked dense matmul
+    (kernel=reference) and CLADA with the kernel (kernel=cpp), same thresholds, interleaved."""
+    from clada_compile.timing import time_engines
+
+    cfg = engine.config
+    engines = {"dense": (engine, True), "kernel_off": (engine.with_config(cfg.replace(kernel="reference")), False),
+               "kernel_on": (engine.with_config(cfg.replace(kernel="cpp")), False)}
+    t = time_engines(engines, prompt_ids, new_tokens, repeats)
+    d = t["dense"]["median"]
+    return {name: dict(tokens_per_s=v["median"], speedup=v["median"] / d, active_fraction=v["active_fraction"],
+                       raw_tokens_per_s=v["raw"]) for name, v in t.items()}
 
 
 def main_kernels(argv):
@@ -96,6 +96,8 @@ def main_impl(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--text", default=None, help="text the prompt is cut from (default: a fixed English paragraph)")
     p.add_argument("--json", default=None)
+    p.add_argument("--kernel_ab", action="store_true",
+                   help="dense vs CLADA with the sparse GEMV kernel off (reference) and on (cpp), interleaved")
     g = p.add_argument_group("sweep (speed-vs-quality frontier; needs --text)")
     g.add_argument("--sweep", action="store_true")
     g.add_argument("--sweep_methods", default="griffin,paper,calibrated")
@@ -124,6 +126,8 @@ def main_impl(argv=None):
         raise ValueError(f"the prompt text has only {ids.shape[1]} tokens, fewer than --prompt_len {args.prompt_len}")
     if args.sweep:
         return _sweep(args, config, engine, tok, ids)
+    if args.kernel_ab:
+        return _kernel_ab(args, config, engine, ids)
     res = bench_decode(engine, ids, args.new_tokens, args.repeats)
     report = dict(machine=machine(), model=args.model_path, backend=args.backend, prompt_len=args.prompt_len,
                   new_tokens=args.new_tokens, repeats=args.repeats, config=config.__dict__,
@@ -135,6 +139,24 @@ def main_impl(argv=None):
           f"{torch.get_num_threads()} threads; process peak RSS {report['peak_rss_mb']:.0f} MB)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _kernel_ab(args, config, engine, ids):
+    if not config.uses_threshold:
+        raise ValueError("--kernel_ab compares the per-token threshold kernel: give a profile and --target_active < 1")
+    res = bench_kernel_ab(engine, ids, args.new_tokens, args.repeats)
+    print("| decode | tok/s | vs dense | active frac. |\n|---|---|---|---|")
+    for name, r in res.items():
+        print(f"| {name} | {r['tokens_per_s']:.2f} | {r['speedup']:.3f}x | {r['active_fraction']:.3f} |")
+    print(f"(median of {args.repeats} interleaved runs, {args.prompt_len} prompt + {args.new_tokens} new tokens, "
+          f"{args.backend}, {torch.get_num_threads()} threads)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(machine=machine(), model=args.model_path, backend=args.backend,
+                                                   prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                                   repeats=args.repeats, config=config.__dict__, results=res),
+                                              indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
 
