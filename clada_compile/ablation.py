@@ -103,3 +103,25 @@ def plot_ablation(results, path, title=""):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def ablation_table(results) -> str:
+    """Markdown: one row per variant, per target the PPL increase vs dense and the paired
+    difference vs static (95% CIs), with the measured active fraction."""
+    targets = sorted({r["target_active"] for r in results})
+    head = "| variant | " + " | ".join(f"active {t:.2f}: measured / PPL vs dense / vs static" for t in targets) + " |"
+    lines = [head, "|---|" + "---|" * len(targets)]
+    for name in dict.fromkeys(r["variant"] for r in results):
+        cells = []
+        for t in targets:
+            r = next((x for x in results if x["variant"] == name and x["target_active"] == t), None)
+            if r is None:
+                cells.append("-")
+                continue
+            lo, hi = r["ci95"]
+            vs = "(reference)" if name == "static" else (
+                f"{r['vs_static_pct']:+.2f}% [{r['vs_static_ci95'][0]:+.2f}, {r['vs_static_ci95'][1]:+.2f}]"
+                if "vs_static_pct" in r else "-")
+            cells.append(f"{r['active_fraction']:.3f} / {r['ppl_increase_pct']:+.2f}% [{lo:+.2f}, {hi:+.2f}] / {vs}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

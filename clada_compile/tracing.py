@@ -48,11 +48,13 @@ class _StepModule(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past):
         from transformers import DynamicCache
 
-        cfg = self.model.config
+        # full-length cache layers for every layer, also the sliding-window ones (Gemma-3, Mistral):
+        # a sliding layer crops its cache depending on the sequence length, which export would
+        # freeze into a guard (seq <= window - 2); the sliding window stays in the attention mask
         if self.with_past:
-            cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=cfg)
+            cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
         else:
-            cache = DynamicCache(config=cfg)
+            cache = DynamicCache()
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
         presents = []

@@ -32,6 +32,11 @@ BUILDERS = {
         max_position_embeddings=128))),
     "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**_common(
         hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4))),
+    # Gemma-3 text: GeGLU, interleaved sliding-window / global attention layers, q/k norms
+    "gemma3_text": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**_common(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=12, hidden_activation="gelu_pytorch_tanh", sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128))),
     # the same Llama with biases on its MLP projections (mlp_bias=True)
     "llama_mlp_bias": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_common(
         hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -100,7 +100,7 @@ def main_impl(argv=None):
 
 
 def _ablation(args, cm, base, wins):
-    from clada_compile.ablation import VARIANTS, plot_ablation, run_ablation
+    from clada_compile.ablation import VARIANTS, ablation_table, plot_ablation, run_ablation
 
     variants = VARIANTS
     if args.ablation_variants:
@@ -120,7 +120,10 @@ def _ablation(args, cm, base, wins):
     out.write_text(json.dumps(report, indent=2, default=str))
     plot_ablation(results, out.with_suffix(".png"),
                   title=f"{args.model_path}: {len(wins)} windows x {args.continuation_tokens} scored tokens")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    table = ablation_table(results)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.md')}")
     return 0
 
 
