@@ -7,6 +7,8 @@ drifts of the machine (thermal, other processes) hit all of them alike; the warm
 
 from __future__ import annotations
 
+import time
+
 from .metrics import interleaved
 
 
@@ -31,3 +33,44 @@ def time_engines(engines: dict, prompt_ids, new_tokens: int, repeats: int, warmu
         out[name] = dict(median=t["median"], raw=t["raw"], runs=kept,
                          active_fraction=sum(r["active_fraction"] for r in kept) / len(kept))
     return out
+
+
+def decode_profile(engine, prompt_ids, steps: int = 16, baseline: bool = False) -> dict:
+    """Where one decode step's time goes (torch.profiler, eager graphs): ms per token in the MLP
+    blocks (and their down projection), the lm_head, and everything else (attention, norms,
+    embedding, host work). Static thresholds, greedy tokens, batch of prompt_ids."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if baseline:
+        engine = engine.dense()
+    ids = prompt_ids
+    mask = torch.ones_like(ids)
+    logits, past, scores = engine.prefill(ids, mask, taus=torch.zeros(engine.n_layers))
+    if engine.config.enabled:
+        engine.select(scores)
+    tok = logits[:, -1].argmax(-1, keepdim=True)
+    engine.decode(tok, torch.cat([mask, torch.ones_like(tok)], 1), past)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+            logits, past = engine.decode(tok, mask, past)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+        wall = time.perf_counter() - t0
+    vocab = logits.shape[-1]
+    d_ff = set(engine.k)
+    mlp = down = head = 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        shapes = [tuple(s) for s in (e.input_shapes or []) if s]
+        if e.key == "clada::sparse_mlp":
+            mlp += e.cpu_time_total
+        elif e.key == "clada::sparse_gemv_t" or (e.key == "aten::matmul" and len(shapes) == 2
+                                                  and shapes[1][0] in d_ff and shapes[0][-1] in d_ff):
+            down += e.cpu_time_total  # h @ w_down_t (k, d_model): the down projection
+        elif e.key == "aten::linear" and any(s[0] == vocab for s in shapes if len(s) == 2):
+            head += e.cpu_time_total
+    per = 1e3 / steps
+    total = wall * per
+    return dict(ms_per_token=total, mlp_ms=mlp / 1e3 * per / 1e3, mlp_down_ms=down / 1e3 * per / 1e3,
+                lm_head_ms=head / 1e3 * per / 1e3, other_ms=total - (mlp + head) / 1e3 * per / 1e3, steps=steps)

@@ -93,6 +93,12 @@ def test_bench_and_eval_smoke(tiny_dir, tmp_path):
     k = json.loads(out.read_text())["results"]
     assert set(k) == {"dense", "kernel_off", "kernel_on"} and k["dense"]["speedup"] == 1.0
     # same thresholds either way: the kernel changes the speed, not what is kept
+    out = tmp_path / "profile.json"
+    assert bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--prompt_len", "16",
+                            "--new_tokens", "4", "--profile", str(prof), "--target_active", "0.5",
+                            "--profile_decode", "--json", str(out)]) == 0
+    for r in json.loads(out.read_text())["results"].values():
+        assert 0 < r["mlp_down_ms"] < r["mlp_ms"] < r["ms_per_token"] and r["lm_head_ms"] > 0
     assert abs(k["kernel_on"]["active_fraction"] - k["kernel_off"]["active_fraction"]) < 1e-6 < 1 - k["kernel_on"]["active_fraction"]
     out = tmp_path / "eval.json"
     assert ev.main_impl(["--model_path", str(tiny_dir), "--text", str(text), "--windows", "2",

@@ -98,6 +98,8 @@ def main_impl(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--kernel_ab", action="store_true",
                    help="dense vs CLADA with the sparse GEMV kernel off (reference) and on (cpp), interleaved")
+    p.add_argument("--profile_decode", action="store_true",
+                   help="where a decode step's time goes (torch.profiler): MLP, its down projection, lm_head, rest")
     g = p.add_argument_group("sweep (speed-vs-quality frontier; needs --text)")
     g.add_argument("--sweep", action="store_true")
     g.add_argument("--sweep_methods", default="griffin,paper,calibrated")
@@ -128,6 +130,8 @@ def main_impl(argv=None):
         return _sweep(args, config, engine, tok, ids)
     if args.kernel_ab:
         return _kernel_ab(args, config, engine, ids)
+    if args.profile_decode:
+        return _profile_decode(args, engine, ids)
     res = bench_decode(engine, ids, args.new_tokens, args.repeats)
     report = dict(machine=machine(), model=args.model_path, backend=args.backend, prompt_len=args.prompt_len,
                   new_tokens=args.new_tokens, repeats=args.repeats, config=config.__dict__,
@@ -158,6 +162,26 @@ def _kernel_ab(args, config, engine, ids):
                                                    repeats=args.repeats, config=config.__dict__, results=res),
                                               indent=2, default=str))
         print(f"wrote {args.json}")
+    return 0
+
+
+def _profile_decode(args, engine, ids):
+    from clada_compile.timing import decode_profile
+
+    rows = {"dense": decode_profile(engine, ids, args.new_tokens, baseline=True),
+            "clada": decode_profile(engine, ids, args.new_tokens)}
+    print("| decode | ms/token | MLP blocks | of which down proj. | lm_head | rest (attention, norms, host) |\n"
+          "|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        t = r["ms_per_token"]
+        print(f"| {name} | {t:.2f} | {r['mlp_ms']:.2f} ({100 * r['mlp_ms'] / t:.0f}%) | {r['mlp_down_ms']:.2f} "
+              f"({100 * r['mlp_down_ms'] / t:.0f}%) | {r['lm_head_ms']:.2f} ({100 * r['lm_head_ms'] / t:.0f}%) | "
+              f"{r['other_ms']:.2f} ({100 * r['other_ms'] / t:.0f}%) |")
+    print(f"({args.backend}, {args.prompt_len} prompt tokens, {args.new_tokens} profiled steps, "
+          f"{torch.get_num_threads()} threads; profiler overhead included)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(machine=machine(), model=args.model_path, backend=args.backend,
+                                                   prompt_len=args.prompt_len, results=rows), indent=2))
     return 0
 
 
