@@ -42,15 +42,22 @@ def plot_trace(records: list[dict], path, title: str = "") -> Path:
     return Path(path)
 
 
-def plot_frontier(curves: dict[str, list[tuple[float, float]]], path, title: str = "") -> Path:
-    """curves: method -> [(ppl increase %, speedup)]."""
+def plot_frontier(curves: dict[str, list[tuple]], path, title: str = "") -> Path:
+    """curves: method -> [(ppl increase %, speedup)] or [(ppl increase %, speedup, low, high)]:
+    low..high (e.g. the slowest and fastest run) is drawn as a vertical bar."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    xs = []
     for name, pts in curves.items():
         pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        xs += [p[0] for p in pts]
+        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)[0]
+        for p in pts:
+            if len(p) == 4:
+                ax.vlines(p[0], p[2], p[3], color=line.get_color(), alpha=0.35, lw=3)
     ax.axhline(1.0, color="gray", lw=0.8, ls=":")
     ax.set_xscale("symlog", linthresh=2.0)  # a few % and +100% on one axis
+    ax.set_xlim(left=min([0.0] + xs))
     ax.set_xlabel("perplexity increase vs dense (%, linear below 2, log above)")
     ax.set_ylabel("decode speedup vs dense (x)")
     ax.set_title(title, fontsize=9)

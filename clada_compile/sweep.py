@@ -81,5 +81,8 @@ def plot_sweep(res, path, title: str = ""):
 
     curves = {}
     for r in res["points"]:
-        curves.setdefault(r["method"], []).append((r["ppl_increase_pct"], r["speedup"]))
+        # the bar: slowest and fastest run of the point against the median dense run
+        d = res["dense_tokens_per_s"]
+        lo, hi = min(r["raw_tokens_per_s"]) / d, max(r["raw_tokens_per_s"]) / d
+        curves.setdefault(r["method"], []).append((r["ppl_increase_pct"], r["speedup"], lo, hi))
     return plot_frontier(curves, path, title)

@@ -213,7 +213,7 @@ def _sweep(args, config, engine, tok, ids):
                   prompt_tokens=args.prompt_tokens, continuation_tokens=args.continuation_tokens,
                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, **res)
     out.write_text(json.dumps(report, indent=2, default=str))
-    plot_sweep(res, out.with_suffix(".png"), title=f"{args.model_path}, {args.backend}: decode speedup vs perplexity "
+    plot_sweep(res, out.with_suffix(".png"), title=f"{args.model_path}, {args.backend}: speedup vs perplexity, bars = slowest..fastest run "
                f"({len(wins)}x{args.continuation_tokens} tokens)")
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
