@@ -101,7 +101,7 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
         attention_mask = torch.ones_like(input_ids)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     entry = engine.taus.clone()
-    base = engine.taus.clone() if base_taus is None else torch.as_tensor(base_taus, dtype=torch.float32)
+    base = entry.clone() if base_taus is None else torch.as_tensor(base_taus, dtype=torch.float32)
     if not enabled:
         base = torch.zeros_like(base)
     ctl = Controller(cfg, base)

@@ -34,3 +34,18 @@ def smollm2():
     from clada_compile import load_model
 
     return load_model("smollm2")
+
+
+def toy_profile(name: str, ids, path):
+    """(model, eager CladaModel, profile path): a tiny model calibrated to 50% on `ids` with a loose
+    error budget, so the thresholds bite; the profile is written to `path`."""
+    import json
+
+    from clada_compile import CladaConfig
+    from clada_compile.calibrate import calibrate
+    from clada_compile.compiled import CladaModel
+
+    model, graphs = graphs_for(name)
+    cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
+    path.write_text(json.dumps(calibrate(cm, ids, target_active=0.5, error_budget=10.0, window=64)))
+    return model, cm, str(path)

@@ -7,22 +7,17 @@ import torch
 
 from clada_compile import CladaConfig
 from clada_compile.ablation import VARIANTS, matched
-from clada_compile.calibrate import calibrate
-from clada_compile.compiled import CladaModel
 from clada_compile.evaluate import windows
-from conftest import graphs_for
+from conftest import toy_profile
 
 
 @pytest.mark.parametrize("variant", ["static", "cont-both-denser"])
 def test_matched_fraction_within_001(variant, tmp_path):
-    model, graphs = graphs_for("llama")
-    cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
     torch.manual_seed(0)
     ids = torch.randint(3, 90, (1200,))
-    prof = tmp_path / "p.json"
-    prof.write_text(json.dumps(calibrate(cm, ids[:512], target_active=0.5, error_budget=10.0, window=64)))
+    _, cm, prof = toy_profile("llama", ids[:512], tmp_path / "p.json")
     wins = windows(ids[512:], 2, 16, 40)
-    base = CladaConfig(backend="eager", top_k_ratio=1.0, profile=str(prof), update_window=5)
+    base = CladaConfig(backend="eager", top_k_ratio=1.0, profile=prof, update_window=5)
     rows, t, active = matched(cm, base, VARIANTS[variant], wins, target=0.45, tol=0.01)
     assert abs(active - 0.45) <= 0.01, (variant, t, active)
     assert len(rows) == 2 and all(len(r["nll"]) == 40 for r in rows)
@@ -34,13 +29,10 @@ def test_ablation_cli(tmp_path):
     from tiny import save_hf_dir
 
     model_dir = save_hf_dir(tmp_path / "llama")
-    model, graphs = graphs_for("llama")  # same weights as model_dir (seed 0)
-    cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
-    prof = tmp_path / "p.json"
-    prof.write_text(json.dumps(calibrate(cm, torch.randint(3, 90, (512,)), 0.5, 10.0, window=64)))
+    prof = toy_profile("llama", torch.randint(3, 90, (512,)), tmp_path / "p.json")[2]  # same weights as model_dir
     out = tmp_path / "abl.json"
     assert ev.main_impl(["--model_path", str(model_dir), "--text", str(SHARED / "data" / "wikitext-2" / "valid.txt"),
-                         "--ablation", "--profile", str(prof), "--ablation_variants", "and-denser,static",
+                         "--ablation", "--profile", prof, "--ablation_variants", "and-denser,static",
                          "--ablation_targets", "0.5", "--windows", "2", "--prompt_tokens", "16",
                          "--continuation_tokens", "24", "--update_window", "5", "--json", str(out)]) == 0
     res = json.loads(out.read_text())["results"]

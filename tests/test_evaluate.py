@@ -1,15 +1,12 @@
 """The parallel teacher-forced scorer gives the sequential decode path's numbers."""
 
-import json
-
 import pytest
 import torch
 
 from clada_compile import CladaConfig
-from clada_compile.calibrate import calibrate
 from clada_compile.compiled import CladaModel
 from clada_compile.evaluate import score, score_parallel, windows
-from conftest import graphs_for
+from conftest import graphs_for, toy_profile
 
 # (architecture, config overrides): the controller's step and continuous schedules, a partial
 # backbone, and OPT, whose MLP sees its tokens flattened to (B*S, d)
@@ -25,14 +22,11 @@ CASES = [
 
 @pytest.mark.parametrize("arch,over", CASES)
 def test_parallel_matches_sequential(arch, over, tmp_path):
-    model, graphs = graphs_for(arch)
-    cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
     torch.manual_seed(1)
     ids = torch.randint(3, 90, (900,))
-    prof = tmp_path / "p.json"
-    prof.write_text(json.dumps(calibrate(cm, ids[:512], target_active=0.5, error_budget=10.0, window=64)))
+    _, cm, prof = toy_profile(arch, ids[:512], tmp_path / "p.json")
     wins = windows(ids[512:], 2, 12, 30)
-    cfg = CladaConfig(backend="eager", top_k_ratio=1.0, profile=str(prof), update_window=5).replace(**over)
+    cfg = CladaConfig(backend="eager", top_k_ratio=1.0, profile=prof, update_window=5).replace(**over)
     eng = cm.with_config(cfg)
     seq = score(eng, wins, scorer="sequential")
     par = score_parallel(eng, wins)
