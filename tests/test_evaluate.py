@@ -56,3 +56,12 @@ def test_dense_baseline_and_dispatch(tmp_path):
         score(resel, wins, scorer="parallel")
     with pytest.raises(ValueError, match="scorer"):
         score(cm, wins, scorer="fast")
+
+
+def test_per_token_taus_shape_is_checked():
+    model, graphs = graphs_for("llama")
+    cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
+    ids = torch.randint(3, 90, (1, 6))
+    _, past, _ = cm.prefill(ids[:, :4])
+    with pytest.raises(ValueError, match=r"per-token `taus` must have shape \(2, 1, 2\)"):
+        cm.decode(ids[:, 4:], torch.ones(1, 6, dtype=torch.long), past, taus=torch.zeros(2, 3))
