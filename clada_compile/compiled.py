@@ -7,12 +7,14 @@ copies into those tensors in place, so neither a new threshold nor a re-selectio
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .config import CladaConfig
 from .graphs import CladaGraphs, build_graphs
-from .passes import materialize
+from .passes import inline_sparse_mlp, materialize
 
 
 def _impl_for(config: CladaConfig) -> str:
@@ -92,12 +94,18 @@ class CladaModel(nn.Module):
         self.active = [None] * self.n_layers
         for layer in range(self.n_layers):
             self.set_active(layer, torch.arange(self.k[layer]))
+        self.inlined = 0  # sparse_mlp ops inlined into the inductor decode graph
         self._prefill_fn = self._compile(pre.gm)
-        self._decode_fn = self._compile(decode.gm)
+        self._decode_fn = self._compile(decode.gm, inline=True)
 
-    def _compile(self, gm):
+    def _compile(self, gm, inline: bool = False):
         if self.config.backend == "eager":
             return gm
+        if inline:  # on a copy: eager twins and the ONNX exporter share the graph with the op in it
+            gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+            gm, self.inlined = inline_sparse_mlp(gm)
+            gm.graph.lint()
+            gm.recompile()
         return torch.compile(gm, backend="inductor", fullgraph=True)
 
     # ---- host-side state -------------------------------------------------------------------

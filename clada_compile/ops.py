@@ -96,23 +96,32 @@ def sparse_mlp(
     act: str,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl)
+
+
+@sparse_mlp.register_fake
+def _(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl):
+    return x.new_empty((*x.shape[:-1], w_down_t.shape[1])), x.new_empty((), dtype=torch.float32)
+
+
+def sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act: str, impl: str):
+    """The body of clada::sparse_mlp in plain torch. The op runs it; passes.inline_sparse_mlp
+    puts it straight into decode graphs bound for inductor, which then fuses the activation,
+    gate*up, threshold compare and kept count into its own kernels around the matmuls (the opaque
+    op would cost one Python-level dispatch per inner op, every layer, every step)."""
     h = _hidden(x, w_in, b_in, w_up, b_up, act)
     if impl == "dense":
         out = h @ w_down_t
-    elif impl != "reference" and h.numel() == h.shape[-1]:
+    elif impl != "reference" and tau.numel() == 1:
         from clada_compile import kernels
 
+        # the kernel op serves single rows (decode, batch 1) and masks densely otherwise
         out = kernels.sparse_gemv_t(h, w_down_t, tau.reshape(1).float())
     else:
         out = threshold_mask(h, tau) @ w_down_t
     # neurons actually kept, summed over the step's tokens: the controller reports real sparsity
     kept = (h.abs() >= _per_row(tau, h).to(h.dtype)).sum().to(torch.float32)
     return (out if b_down is None else out + b_down), kept
-
-
-@sparse_mlp.register_fake
-def _(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl):
-    return x.new_empty((*x.shape[:-1], w_down_t.shape[1])), x.new_empty((), dtype=torch.float32)
 
 
 def reference_mlp(x, w_in, b_in, w_up, b_up, w_down, b_down, act, tau=None):

@@ -45,7 +45,8 @@ def test_interleaved_order_and_median():
     assert res["b"]["median"] == 20
 
 
-def test_calibration_hits_target_on_tiny_model():
+@pytest.mark.parametrize("allocation,target", [("uniform", 0.63), ("greedy", 0.6)])
+def test_calibration_hits_target_on_tiny_model(allocation, target):
     from clada_compile import CladaConfig
     from clada_compile.calibrate import calibrate, profile_taus
     from clada_compile.compiled import CladaModel
@@ -53,8 +54,11 @@ def test_calibration_hits_target_on_tiny_model():
     model, graphs = graphs_for("llama")
     cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
     ids = torch.randint(3, 90, (256,))
-    prof = calibrate(cm, ids, target_active=0.6, error_budget=10.0, window=64)
-    assert prof["achieved_active"] == pytest.approx(0.6, abs=0.026)
+    prof = calibrate(cm, ids, target_active=target, error_budget=10.0, window=64, allocation=allocation)
+    assert prof["allocation"] == allocation
+    assert prof["achieved_active"] == pytest.approx(target, abs=0.026)
+    if allocation == "uniform":  # every layer exactly on the target, even off the 5% grid
+        assert [layer["active_fraction"] for layer in prof["layers"]] == [target] * cm.n_layers
     assert all(0 < layer["tau"] for layer in prof["layers"])
     taus = profile_taus(prof, cm.n_layers)
     cm.set_thresholds(taus)
@@ -62,6 +66,17 @@ def test_calibration_hits_target_on_tiny_model():
     _, past, _ = cm.prefill(ids[:64].view(1, -1), taus=torch.zeros(2))
     _, _, kept = cm.decode(ids[64:65].view(1, 1), torch.ones(1, 65, dtype=torch.long), past, with_active=True)
     assert 0.2 < float((kept / torch.tensor(cm.k)).mean()) < 1.0
+
+
+def test_calibration_rejects_unknown_allocation():
+    from clada_compile import CladaConfig
+    from clada_compile.calibrate import calibrate
+    from clada_compile.compiled import CladaModel
+
+    model, graphs = graphs_for("llama")
+    cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
+    with pytest.raises(ValueError, match="`allocation` must be one of .*got 'even'"):
+        calibrate(cm, torch.randint(3, 90, (128,)), 0.5, window=64, allocation="even")
 
 
 @pytest.fixture(scope="module")

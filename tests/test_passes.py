@@ -142,3 +142,44 @@ def test_must_not_match(module):
     counts = run(gm, FUSE, X)
     assert counts["fuse_gated_mlp"] == counts["fuse_plain_mlp"] == counts["canonicalize_gelu_tanh"] == 0
     assert not any(n.target is mlp_site for n in gm.graph.nodes)
+
+
+class SparseMLPCall(nn.Module):  # what lower_decode leaves in a decode graph: one op per layer
+    def __init__(self, impl, bias):
+        super().__init__()
+        self.impl = impl
+        self.w_in, self.w_up = nn.Parameter(torch.randn(24, 16)), nn.Parameter(torch.randn(24, 16))
+        self.w_down_t = nn.Parameter(torch.randn(24, 16))
+        self.b_down = nn.Parameter(torch.randn(16)) if bias else None
+
+    def forward(self, x, tau):
+        out, kept = torch.ops.clada.sparse_mlp.default(x, self.w_in, None, self.w_up, None, self.w_down_t, self.b_down,
+                                               tau, "silu", self.impl)
+        out2, kept2 = torch.ops.clada.sparse_mlp.default(out, self.w_in, None, self.w_up, None, self.w_down_t, None,
+                                                 tau, "silu", self.impl)
+        return out2, kept + kept2
+
+
+@pytest.mark.parametrize("impl", ["dense", "reference", "auto"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_inline_sparse_mlp(impl, rows):
+    import clada_compile.ops  # noqa: F401  (registers clada::sparse_mlp)
+
+    gm = torch.fx.symbolic_trace(SparseMLPCall(impl, bias=True))
+    x, tau = torch.randn(1, rows, 16), torch.tensor(0.5)
+    with torch.no_grad():
+        ref = gm(x, tau)
+        counts = passes.run_passes(gm, (passes.inline_sparse_mlp,))
+        assert counts == {"inline_sparse_mlp": 2}
+        assert not any(n.target is torch.ops.clada.sparse_mlp.default for n in gm.graph.nodes)
+        torch.testing.assert_close(gm(x, tau), ref, atol=ATOL, rtol=0)
+        compiled = torch.compile(gm, backend="inductor", fullgraph=True)
+        out, kept = compiled(x, tau)
+    torch.testing.assert_close(out, ref[0], atol=ATOL, rtol=1e-5)
+    assert kept == ref[1]  # the kept count is exact, not approximately equal
+
+
+def test_inline_sparse_mlp_must_not_match():
+    gm = export_flat(Gated(), X)
+    counts = run(gm, (passes.inline_sparse_mlp,), X)
+    assert counts == {"inline_sparse_mlp": 0}

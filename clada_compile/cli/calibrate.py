@@ -21,7 +21,10 @@ def main_impl(argv=None):
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--target_active", type=float, default=0.5, help="mean fraction of neurons kept")
-    p.add_argument("--error_budget", type=float, default=0.25, help="max relative MLP output error per layer")
+    p.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform",
+                   help="uniform: every layer keeps target_active; greedy: spread by per-layer output error")
+    p.add_argument("--error_budget", type=float, default=0.25,
+                   help="greedy only: max relative MLP output error per layer")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
 
@@ -33,7 +36,7 @@ def main_impl(argv=None):
     ids = load_text_tokens(args.text, tok, args.tokens)
     cm = optimize(model, CladaConfig(top_k_ratio=1.0, backend="eager"), tokenizer=tok)
     prof = calibrate(cm, ids, args.target_active, args.error_budget, args.window, text_name=str(args.text),
-                     model_name=args.model_path)
+                     model_name=args.model_path, allocation=args.allocation)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(prof, indent=1))

@@ -13,6 +13,7 @@ from .canonicalize_gelu_tanh import canonicalize_gelu_tanh
 from .cleanup import remove_noise
 from .fuse_gated_mlp import fuse_gated_mlp
 from .fuse_plain_mlp import fuse_plain_mlp
+from .inline import inline_sparse_mlp
 from .lower import MlpSite, UnmatchedMLPError, lower_decode, lower_prefill, materialize, ordered_sites
 
 # order matters: canonical forms first, gated before plain (a gated down-projection reads a mul)
@@ -31,4 +32,4 @@ def run_passes(gm: fx.GraphModule, passes=MLP_PASSES) -> dict[str, int]:
 
 __all__ = ["run_passes", "MLP_PASSES", "MlpSite", "UnmatchedMLPError", "lower_prefill", "lower_decode",
            "materialize", "ordered_sites", "canonicalize_conv1d", "canonicalize_gelu_tanh", "remove_noise",
-           "fuse_gated_mlp", "fuse_plain_mlp"]
+           "fuse_gated_mlp", "fuse_plain_mlp", "inline_sparse_mlp"]
