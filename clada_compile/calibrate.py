@@ -1,4 +1,4 @@
-"""Offline, error-controlled per-layer thresholds -> a JSON profile.
+"""Offline per-layer thresholds from real text -> a JSON profile.
 
 For every layer, the MLP's intermediate activations h are collected on real text through the
 SAME prefill graph the model runs (a torch.fx.Interpreter intercepts each clada::scored_mlp).

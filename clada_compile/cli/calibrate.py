@@ -1,4 +1,4 @@
-"""clada-calibrate: per-layer, error-controlled thresholds from a text -> profile JSON.
+"""clada-calibrate: per-layer thresholds (uniform or error-allocated) from a text -> profile JSON.
 
     clada-calibrate --text ../shared/data/wikitext-2/valid.txt --target_active 0.5 --output smollm2.profile.json
 """
