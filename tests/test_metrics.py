@@ -114,6 +114,8 @@ def test_bench_and_eval_smoke(tiny_dir, tmp_path):
                             "--profile_decode", "--json", str(out)]) == 0
     for r in json.loads(out.read_text())["results"].values():
         assert 0 < r["mlp_down_ms"] < r["mlp_ms"] < r["ms_per_token"] and r["lm_head_ms"] > 0
+    with pytest.raises(ValueError, match="--profile_decode needs --backend eager, got --backend inductor"):
+        bench.main_impl(["--model_path", str(tiny_dir), "--backend", "inductor", "--profile_decode"])
     assert abs(k["kernel_on"]["active_fraction"] - k["kernel_off"]["active_fraction"]) < 1e-6 < 1 - k["kernel_on"]["active_fraction"]
     out = tmp_path / "eval.json"
     assert ev.main_impl(["--model_path", str(tiny_dir), "--text", str(text), "--windows", "2",

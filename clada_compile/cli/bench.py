@@ -99,7 +99,7 @@ def main_impl(argv=None):
     p.add_argument("--kernel_ab", action="store_true",
                    help="dense vs CLADA with the sparse GEMV kernel off (reference) and on (cpp), interleaved")
     p.add_argument("--profile_decode", action="store_true",
-                   help="where a decode step's time goes (torch.profiler): MLP, its down projection, lm_head, rest")
+                   help="where a decode step's time goes (torch.profiler, --backend eager): MLP, its down projection, lm_head, rest")
     g = p.add_argument_group("sweep (speed-vs-quality frontier; needs --text)")
     g.add_argument("--sweep", action="store_true")
     g.add_argument("--sweep_methods", default="griffin,paper,calibrated")
@@ -110,6 +110,10 @@ def main_impl(argv=None):
     g.add_argument("--continuation_tokens", type=int, default=128)
     g.add_argument("--start_token", type=int, default=8192)
     args = p.parse_args(argv)
+    if args.profile_decode and args.backend != "eager":
+        # inductor fuses the inlined MLP body into its own kernels: nothing left to attribute by op name
+        raise ValueError(f"--profile_decode needs --backend eager, got --backend {args.backend} "
+                         "(compiled graphs fuse the MLP block, so its time cannot be split out)")
     torch.manual_seed(args.seed)
     config = config_from_args(args)
     if args.sweep and args.backend == "ort":
