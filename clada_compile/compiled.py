@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from .config import CladaConfig
 from .graphs import CladaGraphs, build_graphs
-from .passes import inline_sparse_mlp, materialize
+from .passes import inline_sparse_mlp, materialize, run_passes
 
 
 def _impl_for(config: CladaConfig) -> str:
@@ -103,9 +103,7 @@ class CladaModel(nn.Module):
             return gm
         if inline:  # on a copy: eager twins and the ONNX exporter share the graph with the op in it
             gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-            gm, self.inlined = inline_sparse_mlp(gm)
-            gm.graph.lint()
-            gm.recompile()
+            self.inlined = run_passes(gm, (inline_sparse_mlp,))["inline_sparse_mlp"]
         return torch.compile(gm, backend="inductor", fullgraph=True)
 
     # ---- host-side state -------------------------------------------------------------------

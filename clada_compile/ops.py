@@ -110,6 +110,7 @@ def sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act: str, 
     gate*up, threshold compare and kept count into its own kernels around the matmuls (the opaque
     op would cost one Python-level dispatch per inner op, every layer, every step)."""
     h = _hidden(x, w_in, b_in, w_up, b_up, act)
+    keep = h.abs() >= _per_row(tau, h).to(h.dtype)
     if impl == "dense":
         out = h @ w_down_t
     elif impl != "reference" and tau.numel() == 1:
@@ -118,9 +119,9 @@ def sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act: str, 
         # the kernel op serves single rows (decode, batch 1) and masks densely otherwise
         out = kernels.sparse_gemv_t(h, w_down_t, tau.reshape(1).float())
     else:
-        out = threshold_mask(h, tau) @ w_down_t
+        out = torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device)) @ w_down_t
     # neurons actually kept, summed over the step's tokens: the controller reports real sparsity
-    kept = (h.abs() >= _per_row(tau, h).to(h.dtype)).sum().to(torch.float32)
+    kept = keep.sum().to(torch.float32)
     return (out if b_down is None else out + b_down), kept
 
 
