@@ -11,8 +11,8 @@ Layers then get their fractions by one of two allocations:
            reaches `target_active`.
 Why uniform is the default: greedy minimises the SUM of per-layer relative MLP output errors,
 which is not what perplexity sees. On SmolLM2 it pushed the first and last layers to 25% and
-20% kept and cost +3.3% perplexity at 50% mean kept, where uniform costs about +1.3%
-(docs/BENCHMARKS.md, "Calibration: uniform vs greedy"). The profile stores each layer's chosen
+20% kept and cost +3.3% / +4.1% perplexity at 50% mean kept (8 / 16 windows), where uniform
+costs +1.4% / +3.0% (docs/BENCHMARKS.md, "Calibration: uniform vs greedy"). The profile stores each layer's chosen
 tau and its whole fraction -> (tau, error) curve, so a controller can move along it.
 
 Thresholds apply inside the backbone; the calibration runs with the full backbone (top_k = 1).
