@@ -59,6 +59,7 @@ class CladaModel(nn.Module):
         self.impl = (impl or _impl_for(config)) if config.enabled else "dense"
         hf_cfg = model.config.get_text_config(decoder=True)
         self.context_length = getattr(hf_cfg, "max_position_embeddings", None) or getattr(hf_cfg, "n_positions", None)
+        self.vocab_size = int(hf_cfg.vocab_size)
         self._dense = None
         pre = graphs.prefill
         self.full = []

@@ -32,7 +32,8 @@ class GenerationOutput:
     @property
     def decode_tokens_per_s(self) -> float:
         steps = max(self.new_tokens - 1, 0)  # the first new token comes from the prefill logits
-        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+        # one new token (EOS at once, max_new_tokens=1) ran no decode step: no speed to report
+        return steps / self.decode_s if steps and self.decode_s > 0 else float("nan")
 
     @property
     def mean_active_fraction(self) -> float:
@@ -45,6 +46,7 @@ def _check_inputs(engine, input_ids, max_new_tokens, do_sample, temperature, top
         raise ValueError(f"`input_ids` must be a 2-D (batch, seq) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
     if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
         raise ValueError("the prompt is empty: `input_ids` has no tokens; pass at least one token")
+    _check_token_ids(engine, input_ids, "input_ids")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be an integer >= 1, got {max_new_tokens!r}")
     if do_sample and not temperature > 0:
@@ -58,6 +60,18 @@ def _check_inputs(engine, input_ids, max_new_tokens, do_sample, temperature, top
             f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
             f"model's context of {limit} tokens; shorten the prompt or lower max_new_tokens"
         )
+
+
+def _check_token_ids(engine, ids, name):
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"`{name}` must hold integer token ids (torch.long), got dtype {ids.dtype}; "
+                         f"convert with .long() or use the tokenizer's output")
+    vocab = getattr(engine, "vocab_size", None)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab and hi >= vocab):
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"`{name}` holds token id {bad}, outside the model's vocabulary [0, {vocab}); "
+                         f"was it tokenized with another model's tokenizer?")
 
 
 def _next_token(logits, do_sample, temperature, top_p, generator):
@@ -90,6 +104,7 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
     record then carries the token's natural-log probability `logprob`.
     """
     if forced is not None:
+        _check_token_ids(engine, forced, "forced")
         max_new_tokens = forced.shape[1]
     _check_inputs(engine, input_ids, max_new_tokens, do_sample, temperature, top_p)
     if baseline:

@@ -111,6 +111,13 @@ def trace(model, phase: str) -> TracedGraph:
     # ep.module() checks calls against the pytree spec of the trace; the passes change the
     # signature, and the flat calling convention below replaces that spec
     gm._forward_pre_hooks.clear()
+    # export's input guards restate the trace's 0/1 specialization: every symbolic dim >= 2, so the
+    # decode mask (past + seq) >= 4 and a one- or two-token prompt would fail them. The graph itself
+    # is size-generic (tests compare prompts of 1, 2, 3 tokens with HF), so the guards go.
+    for nd in [nd for nd in gm.graph.nodes if nd.op == "call_module" and nd.target == "_guards_fn"]:
+        gm.graph.erase_node(nd)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
     gm.graph.set_codegen(torch.fx.graph.CodeGen())
     gm.recompile()
     inputs = ["input_ids", "attention_mask", "position_ids"] + (kv_names(n, "past_key_values") if with_past else [])

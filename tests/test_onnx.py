@@ -277,3 +277,37 @@ def test_set_active_validates(llama_dir):
 # No smollm2 test here: exporting it (tracing + torch.onnx.export of two 30-layer graphs) takes
 # ~8 minutes on 2 cores, beyond this suite's budget. `clada-export --onnx --model_path smollm2` is
 # the manual check (see docs/ONNX.md for the measured numbers).
+
+
+def test_prompts_of_one_two_three_tokens(llama_dir):
+    engine = OrtCladaModel.from_dir(llama_dir, config=CONFIG)
+    model, graphs = graphs_for("llama")
+    torch_engine = CladaModel(model, graphs, CONFIG)
+    for length in (1, 2, 3):
+        ids = torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
+        a = engine.generate(ids, max_new_tokens=5)
+        assert a.sequences.tolist() == torch_engine.generate(ids, max_new_tokens=5).sequences.tolist()
+        dense = engine.generate(ids, max_new_tokens=5, baseline=True)
+        ref = model.generate(ids, max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
+        assert dense.sequences.tolist() == ref.tolist()
+
+
+def test_stale_temporaries_of_a_killed_export_are_removed(tmp_path):
+    """SIGKILL leaves .NAME.tmp-PID-* behind; the next export of NAME removes those whose PID is
+    gone and keeps a live export's."""
+    import os
+    import subprocess
+
+    from clada_compile.exporters.onnx import _remove_stale
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out.tmp-{dead.pid}-abc"
+    old = tmp_path / f".out.old-{dead.pid}-123"
+    live = tmp_path / f".out.tmp-{os.getpid()}-xyz"
+    other = tmp_path / f".outer.tmp-{dead.pid}-abc"  # another output's
+    for p in (stale, old, live, other):
+        (p / "sub").mkdir(parents=True)
+    _remove_stale(tmp_path / "out")
+    assert not stale.exists() and not old.exists()
+    assert live.exists() and other.exists()

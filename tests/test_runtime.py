@@ -101,6 +101,18 @@ def test_bad_generation_inputs():
         cm.generate(torch.ones(1, limit - 2, dtype=torch.long), max_new_tokens=10)
     with pytest.raises(ValueError, match="`top_p` must be in"):
         cm.generate(torch.ones(1, 3, dtype=torch.long), top_p=0.0)
+    with pytest.raises(ValueError, match=r"integer token ids \(torch.long\), got dtype torch.float32"):
+        cm.generate(torch.ones(1, 3))
+    with pytest.raises(ValueError, match=r"token id 96, outside the model's vocabulary \[0, 96\)"):
+        cm.generate(torch.tensor([[5, 96, 7]]))
+    with pytest.raises(ValueError, match=r"token id -1, outside"):
+        cm.generate(torch.tensor([[5, -1]]))
+
+
+def test_one_new_token_has_no_decode_speed():
+    _, cm = _engine(top_k_ratio=0.5)
+    out = cm.generate(torch.randint(3, 90, (1, 4)), max_new_tokens=1)
+    assert out.new_tokens == 1 and out.decode_tokens_per_s != out.decode_tokens_per_s  # nan: no decode step
 
 
 def test_sampling_is_seeded():
@@ -146,3 +158,26 @@ def test_cli_bad_input(tiny_dir, tmp_path, capsys, args, message):
         main(["--model_path", str(tiny_dir), "--backend", "eager", "--output_dir", str(tmp_path)] + args)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_compare_with_one_new_token(tiny_dir, tmp_path, capsys):
+    """A run with a single new token has no decode step: its speed is reported as not measurable."""
+    from clada_compile.cli.generate import main_impl
+
+    out = tmp_path / "out"
+    rc = main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--prompt", "the city of",
+                    "--max_new_tokens", "1", "--top_k_ratio", "0.5", "--compare_with_baseline", "--output_dir", str(out)])
+    assert rc == 0
+    assert "n/a" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["median_speedup"] is None and summary["prompts"][0]["dense"]["tokens_per_s"] is None
+
+
+def test_cli_ctrl_c_is_one_line(capsys):
+    from clada_compile.cli.common import run_cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run_cli(interrupted) == 130
+    assert capsys.readouterr().err == "interrupted\n"

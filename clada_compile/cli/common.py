@@ -79,3 +79,6 @@ def run_cli(fn, argv=None):
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's exit status for SIGINT
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -84,7 +85,8 @@ def main_impl(argv=None):
         row = dict(prompt=i, prompt_tokens=int(ids.shape[1]))
         for mode, o in res.items():
             new = o.sequences[0, ids.shape[1]:].tolist()
-            row[mode] = dict(tokens_per_s=o.decode_tokens_per_s, prefill_s=o.prefill_s, new_tokens=o.new_tokens,
+            tok_s = o.decode_tokens_per_s
+            row[mode] = dict(tokens_per_s=tok_s if math.isfinite(tok_s) else None, prefill_s=o.prefill_s, new_tokens=o.new_tokens,
                              mean_active_fraction=o.mean_active_fraction, reselections=o.events,
                              text=tok.decode(new, skip_special_tokens=True))
             with open(out_dir / f"tokens_{i}_{mode}.jsonl", "w") as f:
@@ -98,12 +100,14 @@ def main_impl(argv=None):
             a = res["dense"].sequences[0, ids.shape[1]:].tolist()
             b = res["clada"].sequences[0, ids.shape[1]:].tolist()
             row["first_divergence"], row["token_agreement"] = agreement(a, b)
-            row["speedup"] = row["clada"]["tokens_per_s"] / row["dense"]["tokens_per_s"]
+            # a run with fewer than two new tokens ran no decode step: its speed is not measurable
+            d, c = row["dense"]["tokens_per_s"], row["clada"]["tokens_per_s"]
+            row["speedup"] = c / d if c is not None and d else None
         rows.append(row)
     summary = dict(model=args.model_path, backend=args.backend, config=config.__dict__, modes=modes,
                    threads=torch.get_num_threads(), prompts=rows)
     if len(modes) == 2:
-        summary["median_speedup"] = statistics.median(r["speedup"] for r in rows)
+        summary["median_speedup"] = _median_speedup(rows)
         summary["mean_token_agreement"] = statistics.mean(r["token_agreement"] for r in rows)
     if "clada" in modes:
         summary["mean_active_fraction"] = statistics.mean(r["clada"]["mean_active_fraction"] for r in rows)
@@ -113,22 +117,36 @@ def main_impl(argv=None):
     return 0
 
 
+def _median_speedup(rows):
+    """Median over the prompts whose speed could be measured; None when none could."""
+    vals = [r["speedup"] for r in rows if r["speedup"] is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _f(tok_s) -> str:
+    return "n/a (<2 tokens)" if tok_s is None else f"{tok_s:.1f}"
+
+
+def _x(speedup) -> str:
+    return "n/a" if speedup is None else f"{speedup:.2f}x"
+
+
 def table(rows, modes) -> str:
     if len(modes) == 2:
         head = "| prompt | dense tok/s | CLADA tok/s | speedup | active frac. | agreement | 1st diverge | reselect |"
         lines = [head, "|" + "---|" * 8]
         for r in rows:
-            lines.append(f"| {r['prompt']} | {r['dense']['tokens_per_s']:.1f} | {r['clada']['tokens_per_s']:.1f} | "
-                         f"{r['speedup']:.2f}x | {r['clada']['mean_active_fraction']:.2f} | "
+            lines.append(f"| {r['prompt']} | {_f(r['dense']['tokens_per_s'])} | {_f(r['clada']['tokens_per_s'])} | "
+                         f"{_x(r['speedup'])} | {r['clada']['mean_active_fraction']:.2f} | "
                          f"{r['token_agreement']:.2f} | {r['first_divergence']} | {r['clada']['reselections']} |")
-        sp = statistics.median(r["speedup"] for r in rows)
+        sp = _median_speedup(rows)
         ag = statistics.mean(r["token_agreement"] for r in rows)
-        lines.append(f"| median/mean | | | {sp:.2f}x | | {ag:.2f} | | |")
+        lines.append(f"| median/mean | | | {_x(sp)} | | {ag:.2f} | | |")
         return "\n".join(lines)
     mode = modes[0]
     lines = [f"| prompt | {mode} tok/s | active frac. | new tokens |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['prompt']} | {r[mode]['tokens_per_s']:.1f} | {r[mode]['mean_active_fraction']:.2f} | "
+        lines.append(f"| {r['prompt']} | {_f(r[mode]['tokens_per_s'])} | {r[mode]['mean_active_fraction']:.2f} | "
                      f"{r[mode]['new_tokens']} |")
     return "\n".join(lines)
 

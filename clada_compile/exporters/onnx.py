@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -411,6 +412,26 @@ def _prepare_output(output_dir: Path, force: bool) -> None:
                 f"{output_dir} already exists and is not empty; pass --force (force=True) to overwrite it")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_stale(output_dir: Path) -> None:
+    """Delete the hidden siblings (.NAME.tmp-PID-*, .NAME.old-PID-*) that an export killed mid-way
+    (SIGKILL, power loss) left behind; a sibling whose process still runs is another export's."""
+    for p in output_dir.parent.glob(f".{glob.escape(output_dir.name)}.*-*"):
+        kind, _, rest = p.name[len(output_dir.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and p.is_dir() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _publishable(tmp: Path) -> None:
     """mkdtemp makes a private (0700) directory: give the export the usual umask permissions."""
     umask = os.umask(0)
@@ -518,7 +539,8 @@ def export_onnx(model_or_spec, output_dir, config: CladaConfig | None = None, op
     external = param_bytes > 1_800_000_000  # protobuf's 2 GB limit per file
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
+    _remove_stale(output_dir)
+    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-{os.getpid()}-"))
     try:
         stage = tmp / "fp" if low_memory else tmp
         stage.mkdir(exist_ok=True)

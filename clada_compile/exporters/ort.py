@@ -102,6 +102,7 @@ class OrtCladaModel:
         self.d_ff = [int(d) for d in m["d_ff"]]
         self.d_model = int(m["d_model"])
         self.context_length = m.get("context_length")
+        self.vocab_size = m.get("vocab_size")
         self.device = shared.device
         self.dtype = shared.dtype
         self.full = shared.full
