@@ -174,8 +174,9 @@ def _interp(x, pts):
 
 
 def shipped_profile(name: str) -> str | None:
-    """Path of the calibration profile shipped for an embedded model ("smollm2"), or None."""
-    if not name.replace("-", "").replace("_", "").isalnum():
+    """Path of the calibration profile shipped for an embedded model ("smollm2",
+    "qwen2.5-coder-0.5b", ...), or None."""
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         return None  # a path, not an embedded model name
     path = Path(__file__).parent / "profiles" / f"{name}.json"
     return str(path) if path.is_file() else None

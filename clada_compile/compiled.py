@@ -71,33 +71,52 @@ class CladaModel(nn.Module):
         self.d_ff = [f["w_in"].shape[0] for f in self.full]
         ratio = config.top_k_ratio if config.enabled else 1.0
         self.k = [min(d, max(config.min_active_neurons, round(ratio * d))) for d in self.d_ff]
-        dtype = self.full[0]["w_in"].dtype
         self.taus = torch.zeros(self.n_layers, dtype=torch.float32)
-        self.compact = []
-        for f, k in zip(self.full, self.k):
-            d_model = f["w_in"].shape[1]
-            buf = dict(w_in=torch.empty(k, d_model, dtype=dtype), w_down_t=torch.empty(k, f["w_down"].shape[0], dtype=dtype))
-            if f["b_in"] is not None:
-                buf["b_in"] = torch.empty(k, dtype=dtype)
-            if f["w_up"] is not None:
-                buf["w_up"] = torch.empty(k, d_model, dtype=dtype)
-            if f["b_up"] is not None:
-                buf["b_up"] = torch.empty(k, dtype=dtype)
-            self.compact.append(buf)
-        # decode graph inputs after the KV cache: clada.tau, then clada.L.<key> in graph order
+        # every decode projection on the GEMV kernel (passes/gemv.py), unless the caller pinned an
+        # impl (the ONNX exporter, reference tests) or asked for the reference kernel
+        self.gemv = impl is None and config.kernel in ("auto", "cpp")
+        self.gemv_rewrites = {}
         decode = graphs.decode_for(self.impl)
+        if self.gemv:
+            decode = self._gemv_decode(decode)
+        self.decode_graph = decode
+        # decode graph inputs after the KV cache: clada.tau, then clada.L.<key> in graph order
         names = decode.input_names
         first = names.index("clada.tau")
+        self.compact = [{} for _ in range(self.n_layers)]
         self._decode_weights = []
         for name in names[first + 1:]:
             _, layer, key = name.split(".")
-            self._decode_weights.append(self.compact[int(layer)][key])
+            buf = self.compact[int(layer)]
+            buf[key] = torch.empty(self._compact_shape(int(layer), key), dtype=self.full[0]["w_in"].dtype)
+            self._decode_weights.append(buf[key])
         self.active = [None] * self.n_layers
         for layer in range(self.n_layers):
             self.set_active(layer, torch.arange(self.k[layer]))
         self.inlined = 0  # sparse_mlp ops inlined into the inductor decode graph
         self._prefill_fn = self._compile(pre.gm)
         self._decode_fn = self._compile(decode.gm, inline=True)
+
+    def _gemv_decode(self, decode):
+        from .passes.gemv import linears_to_gemv, sparse_mlp_to_gemv
+        from .tracing import TracedGraph
+
+        gm = fx.GraphModule(decode.gm, copy.deepcopy(decode.gm.graph))
+        traced = TracedGraph(gm, "decode", list(decode.input_names), list(decode.output_names), decode.sites)
+        _, self.gemv_rewrites["sparse_mlp_to_gemv"] = sparse_mlp_to_gemv(traced)
+        cache = self.graphs.__dict__.setdefault("_gemv_weights", {})  # shared with the dense twin
+        _, self.gemv_rewrites["linears_to_gemv"] = linears_to_gemv(gm, cache)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        return traced
+
+    def _compact_shape(self, layer: int, key: str) -> tuple:
+        f, k = self.full[layer], self.k[layer]
+        d_model = f["w_in"].shape[1]
+        return {"w_in": (k, d_model), "w_up": (k, d_model), "b_in": (k,), "b_up": (k,),
+                "w_down_t": (k, f["w_down"].shape[0]), "w_in_t": (d_model, k), "w_gu_t": (d_model, 2 * k),
+                "b_gu": (2 * k,)}[key]
 
     def _compile(self, gm, inline: bool = False):
         if self.config.backend == "eager":
@@ -117,11 +136,19 @@ class CladaModel(nn.Module):
         """Make `indices` (k neuron ids of layer `layer`) the active set: compact weights in place."""
         idx = check_indices(indices, layer, self.k[layer], self.d_ff[layer])
         f, buf = self.full[layer], self.compact[layer]
-        torch.index_select(f["w_in"], 0, idx, out=buf["w_in"])
+        k = self.k[layer]
         buf["w_down_t"].copy_(torch.index_select(f["w_down"], 1, idx).t())
-        for key in ("b_in", "w_up", "b_up"):
+        for key in ("w_in", "b_in", "w_up", "b_up"):
             if key in buf:
                 torch.index_select(f[key], 0, idx, out=buf[key])
+        if "w_in_t" in buf:
+            buf["w_in_t"].copy_(torch.index_select(f["w_in"], 0, idx).t())
+        if "w_gu_t" in buf:  # [gate^T | up^T]: one contiguous stream for both projections
+            buf["w_gu_t"][:, :k].copy_(torch.index_select(f["w_in"], 0, idx).t())
+            buf["w_gu_t"][:, k:].copy_(torch.index_select(f["w_up"], 0, idx).t())
+        if "b_gu" in buf:
+            for part, key in ((buf["b_gu"][:k], "b_in"), (buf["b_gu"][k:], "b_up")):
+                part.copy_(f[key][idx] if f[key] is not None else torch.zeros(()))
         self.active[layer] = idx
 
     def select(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -219,12 +246,28 @@ def optimize(model, config: CladaConfig | None = None, tokenizer=None) -> CladaM
     if not isinstance(config, CladaConfig):
         raise TypeError(f"`config` must be a CladaConfig, got {type(config).__name__}")
     model.eval()
+    _set_precision(model, config.precision)
     impl = _impl_for(config)
     if impl in ("auto", "cpp"):
         from . import kernels
 
         kernels.load_cpu_extension()  # fail now, with the fix named, rather than mid-generation
     return _make(model, build_graphs(model, impl), config, tokenizer)
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _set_precision(model, precision: str) -> None:
+    """Cast the model's floating-point weights to `precision` in place (a no-op when they already
+    are): the decode GEMVs then stream weights of that width."""
+    dtype = _DTYPES[precision]
+    device = next(model.parameters()).device
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("`precision` 'fp16' needs a CUDA model: the CPU kernels run fp32 and bf16 weights; "
+                         "use precision='bf16' (or 'fp32') on CPU")
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        model.to(dtype)
 
 
 def _make(model, graphs, config, tokenizer):

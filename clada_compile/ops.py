@@ -125,6 +125,34 @@ def sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act: str, 
     return (out if b_down is None else out + b_down), kept
 
 
+def gemv_mlp(x, w_gu_t, b_gu, w_down_t, b_down, tau, zero, act: str, gated: bool, impl: str):
+    """The decode MLP on the GEMV kernel (passes.sparse_mlp_to_gemv), same outputs as sparse_mlp.
+
+    w_gu_t (d_model, 2k) = [gate^T | up^T] (gated) or w_in^T (d_model, k): one stream over both
+    projections; zero: a float32 zero threshold (the dense GEMV). The kernel op serves single
+    rows and runs a plain matmul on more (teacher-forced scoring), where per-token thresholds
+    (tau of shape (B, S, 1)) take the masked path."""
+    from clada_compile import kernels
+
+    g = kernels.sparse_gemv_t(x, w_gu_t, zero)
+    if b_gu is not None:
+        g = g + b_gu
+    if gated:
+        a, u = g.chunk(2, -1)
+        h = ACTIVATIONS[act](a) * u
+    else:
+        h = ACTIVATIONS[act](g)
+    keep = h.abs() >= _per_row(tau, h).to(h.dtype)
+    if impl == "dense":
+        out = kernels.sparse_gemv_t(h, w_down_t, zero)
+    elif tau.numel() == 1:
+        out = kernels.sparse_gemv_t(h, w_down_t, tau.reshape(1).float())
+    else:
+        out = torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device)) @ w_down_t
+    kept = keep.sum().to(torch.float32)
+    return (out if b_down is None else out + b_down), kept
+
+
 def reference_mlp(x, w_in, b_in, w_up, b_up, w_down, b_down, act, tau=None):
     """The original MLP (tau None) or its masked variant, in plain torch: what tests compare with."""
     h = _hidden(x, w_in, b_in, w_up, b_up, act)

@@ -59,6 +59,8 @@ def decode_profile(engine, prompt_ids, steps: int = 16, baseline: bool = False) 
             tok = logits[:, -1].argmax(-1, keepdim=True)
         wall = time.perf_counter() - t0
     vocab = logits.shape[-1]
+    if getattr(engine, "gemv", False):
+        return _gemv_profile(prof, engine, vocab, wall, steps)
     d_ff = set(engine.k)
     mlp = down = head = 0.0
     for e in prof.key_averages(group_by_input_shape=True):
@@ -74,3 +76,27 @@ def decode_profile(engine, prompt_ids, steps: int = 16, baseline: bool = False) 
     total = wall * per
     return dict(ms_per_token=total, mlp_ms=mlp / 1e3 * per / 1e3, mlp_down_ms=down / 1e3 * per / 1e3,
                 lm_head_ms=head / 1e3 * per / 1e3, other_ms=total - (mlp + head) / 1e3 * per / 1e3, steps=steps)
+
+
+def _gemv_profile(prof, engine, vocab, wall, steps) -> dict:
+    """Every projection runs clada::sparse_gemv_t: its calls split by weight shape (d_model, k|2k)
+    gate/up, (k, d_model) down, (d_model, vocab) lm_head, the rest attention projections."""
+    ks = set(engine.k)
+    gu = down = head = attn = 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key != "clada::sparse_gemv_t" or not e.input_shapes or len(e.input_shapes[1]) != 2:
+            continue
+        rows, cols = e.input_shapes[1]
+        if cols == vocab:
+            head += e.cpu_time_total
+        elif rows in ks:
+            down += e.cpu_time_total
+        elif cols in ks or cols // 2 in ks:
+            gu += e.cpu_time_total
+        else:
+            attn += e.cpu_time_total
+    ms = 1e-3 / steps  # profiler us over all steps -> ms per token
+    total = wall * 1e3 / steps
+    return dict(ms_per_token=total, mlp_ms=(gu + down) * ms, mlp_down_ms=down * ms, mlp_gate_up_ms=gu * ms,
+                attn_proj_ms=attn * ms, lm_head_ms=head * ms, other_ms=total - (gu + down + head + attn) * ms,
+                steps=steps)

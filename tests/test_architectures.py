@@ -37,10 +37,25 @@ def test_rewrite_count_and_dense_equivalence(name):
     ops = [nd.target for nd in graphs.decode.gm.graph.nodes if nd.op == "call_function"]
     assert ops.count(torch.ops.clada.sparse_mlp.default) == n
     ids = torch.randint(3, 90, (2, 8))
+    # every decode projection on the GEMV kernel: q/k/v/o (or a fused qkv + o) per layer + lm_head
+    linears = n * (2 if name in FUSED_QKV else 4) + 1
     for backend in ("eager", "inductor"):
         cm = CladaModel(model, graphs, CladaConfig(top_k_ratio=1.0, backend=backend))
-        assert cm.inlined == (n if backend == "inductor" else 0)  # inductor sees the op's body
+        assert cm.gemv_rewrites == {"sparse_mlp_to_gemv": n, "linears_to_gemv": linears}
+        ops = [nd.target for nd in cm.decode_graph.gm.graph.nodes if nd.op == "call_function"]
+        assert torch.ops.aten.linear.default not in ops and torch.ops.clada.sparse_mlp.default not in ops
         _check(model, cm, ids)
+
+
+FUSED_QKV = ("gpt2", "gpt_neox", "phi3")  # one qkv projection (Conv1D c_attn, query_key_value, qkv_proj)
+
+
+def test_reference_kernel_inlines_the_sparse_mlp_under_inductor():
+    """kernel="reference": no GEMV rewrite; inductor gets the sparse block's body inlined."""
+    model, graphs = graphs_for("llama")
+    cm = CladaModel(model, graphs, CladaConfig(top_k_ratio=1.0, backend="inductor", kernel="reference"))
+    assert not cm.gemv and cm.inlined == graphs.n_layers
+    _check(model, cm, torch.randint(3, 90, (2, 8)))
 
 
 def _step_by_step(model, cm, ids, steps):

@@ -183,3 +183,83 @@ def test_inline_sparse_mlp_must_not_match():
     gm = export_flat(Gated(), X)
     counts = run(gm, (passes.inline_sparse_mlp,), X)
     assert counts == {"inline_sparse_mlp": 0}
+
+
+# ---- linears_to_gemv / sparse_mlp_to_gemv (passes/gemv.py) -----------------------------------
+class Attn(nn.Module):
+    """q/k/v on one input (grouped into one GEMV), o on another, a bias on v only."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(16, 16, bias=False), nn.Linear(16, 8, bias=False)
+        self.v, self.o = nn.Linear(16, 8, bias=True), nn.Linear(8, 16, bias=False)
+
+    def forward(self, x, w_in):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        h = (q[..., :8] * k).softmax(-1) * v
+        # a linear whose weight is a graph input: not a constant, must not match
+        return self.o(h) + F.linear(x, w_in)
+
+
+def _gemv_calls(gm):
+    return sum(n.target is torch.ops.clada.sparse_gemv_t.default for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_linears_to_gemv_groups_by_input(rows):
+    from clada_compile.passes.gemv import linears_to_gemv
+
+    x, w_in = torch.randn(1, rows, 16), torch.randn(16, 16)
+    gm = export_flat(Attn(), x, w_in)
+    counts = run(gm, (passes.remove_noise, linears_to_gemv), x, w_in)
+    assert counts["linears_to_gemv"] == 4  # q, k, v, o; not the graph-input weight
+    assert _gemv_calls(gm) == 2  # [q|k|v] fused, o alone
+    linears = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(linears) == 1 and linears[0].args[1].op == "placeholder"
+
+
+def test_linears_to_gemv_must_not_match_other_dtypes():
+    from clada_compile.passes.gemv import linears_to_gemv
+
+    m = Attn().half()
+    x, w_in = torch.randn(1, 1, 16).half(), torch.randn(16, 16).half()
+    gm = export_flat(m, x, w_in)
+    before = str(gm.graph)
+    _, count = linears_to_gemv(gm)
+    assert count == 0 and str(gm.graph) == before  # fp16 is not a kernel dtype: nothing touched
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "phi3", "opt", "llama_mlp_bias"])
+def test_gemv_decode_matches_reference_engine(name, tmp_path):
+    """The torch engine's GEMV decode graph (every projection on the kernel, gate/up fused) against
+    the reference engine (lower_decode's graph, masked matmuls) with the same selection and
+    thresholds: same logits within fp32 tolerance, same kept counts. The rewrite counts are exact."""
+    from clada_compile import CladaConfig
+    from clada_compile.compiled import CladaModel
+    from conftest import graphs_for
+
+    import json
+
+    layers = [{"layer": i, "tau": 0.05, "active_fraction": 0.5, "rel_error": 0.1, "curve": []} for i in range(2)]
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"format": "clada-profile/1", "n_layers": 2, "target_active": 0.5,
+                                   "achieved_active": 0.5, "layers": layers}))
+    model, graphs = graphs_for(name)
+    cfg = CladaConfig(top_k_ratio=0.5, backend="eager", target_active=0.5, profile=str(profile), kernel="cpp")
+    ref = CladaModel(model, graphs, cfg, impl="reference")
+    cm = CladaModel(model, graphs, cfg)
+    assert cm.impl == "cpp" and cm.gemv and cm.gemv_rewrites["sparse_mlp_to_gemv"] == 2
+    # 2 layers x (q, k, v, o, or a fused qkv + o) + lm_head
+    assert cm.gemv_rewrites["linears_to_gemv"] == {"llama": 9, "gpt2": 5, "phi3": 5, "opt": 9, "llama_mlp_bias": 9}[name]
+    ids = torch.randint(3, 90, (1, 9))
+    _, past, scores = ref.prefill(ids[:, :6])
+    for engine in (ref, cm):
+        engine.select(scores)
+        engine.set_thresholds([0.05, 0.1])
+    pa = pb = past
+    for t in range(6, 9):
+        mask = torch.ones(1, t + 1, dtype=torch.long)
+        la, pa, ka = ref.decode(ids[:, t:t + 1], mask, pa, with_active=True)
+        lb, pb, kb = cm.decode(ids[:, t:t + 1], mask, pb, with_active=True)
+        torch.testing.assert_close(lb, la, atol=1e-4, rtol=0)
+        assert torch.equal(ka, kb) and 0 < ka.sum() < sum(cm.k)

@@ -3,6 +3,8 @@
     clada-bench --backend inductor --prompt_len 256 --new_tokens 128 --profile p.json --json bench.json
     clada-bench kernels                       # sparse GEMV kernel vs dense F.linear
     clada-bench --sweep --text ../shared/data/wikitext-2/valid.txt --json sweep.json   # frontier + PNG
+    clada-bench --compare --engines llama.cpp-f32,clada-dense-fp32,clada-fp32 --json compare.json
+        # llama.cpp / ORT / HF / CLADA side by side (clada_compile.bench.compare; clada-bench --compare --help)
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ def main_impl(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["kernels"]:
         return main_kernels(argv[1:])
+    if "--compare" in argv:  # its own flags and defaults (--prompt_tokens 256, --threads 2, --rounds 3)
+        from clada_compile.bench.compare import main_compare
+
+        return main_compare([a for a in argv if a != "--compare"])
     p = argparse.ArgumentParser(prog="clada-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
@@ -98,6 +104,9 @@ def main_impl(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--kernel_ab", action="store_true",
                    help="dense vs CLADA with the sparse GEMV kernel off (reference) and on (cpp), interleaved")
+    p.add_argument("--compare", action="store_true",
+                   help="llama.cpp, ONNX Runtime, HF and CLADA engines side by side, interleaved "
+                        "(own flags: clada-bench --compare --help)")
     p.add_argument("--profile_decode", action="store_true",
                    help="where a decode step's time goes (torch.profiler, --backend eager): MLP, its down projection, lm_head, rest")
     g = p.add_argument_group("sweep (speed-vs-quality frontier; needs --text)")

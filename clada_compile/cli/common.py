@@ -9,7 +9,8 @@ import torch
 
 
 def add_model_flags(p: argparse.ArgumentParser):
-    p.add_argument("--model_path", default="smollm2", help="smollm2 | gemma3-270m | file.gguf | HF directory")
+    p.add_argument("--model_path", default="smollm2",
+                   help="smollm2 | gemma3-270m | qwen2.5-coder-0.5b | file.gguf | HF directory")
     p.add_argument("--backend", default="inductor", choices=["inductor", "eager", "ort"])
     p.add_argument("--onnx_dir", default=None, help="clada-export --onnx output (for --backend ort)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])

@@ -24,7 +24,7 @@ def parser():
     p = argparse.ArgumentParser(prog="clada-export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--onnx", action="store_true", help="export to ONNX (the only format so far; required)")
-    p.add_argument("--model_path", default="smollm2", help="smollm2 | gemma3-270m | file.gguf | HF directory")
+    p.add_argument("--model_path", default="smollm2", help="smollm2 | gemma3-270m | qwen2.5-coder-0.5b | file.gguf | HF directory")
     p.add_argument("--output", required=True, help="output directory (refused if it exists, unless --force)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     p.add_argument("--low_memory_mode", action="store_true",

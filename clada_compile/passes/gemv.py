@@ -1,0 +1,188 @@
+"""Decode projections -> the input-sparse GEMV op over input-channel-major weights (W^T).
+
+At batch 1 a decode step reads every weight once, so its speed is bytes / bandwidth. torch's
+single-row linear goes to MKL sgemv, which streams a third of this CPU's bandwidth; the clada
+GEMV kernel (kernels/sparse_gemv.cpp) streams near the limit and can skip the rows of dropped
+input channels. These passes run on the torch engine's decode graph (a copy; ONNX keeps the
+op contract of lower_decode), after lowering:
+
+linears_to_gemv
+  Pattern:      linear(x, W, b) for every constant W (get_attr, possibly through t(): GPT-2's
+                Conv1D after canonicalize_conv1d), grouped by their input node x
+                (q/k/v share one, Phi-3's gate_up and lm_head stand alone)
+  Replacement:  y = clada.sparse_gemv_t(x, Wg^T, 0) with Wg^T = [W1^T | W2^T | ...] (one new
+                constant per group: one stream over the fused weights), + bias, then one
+                slice of y per original linear
+  Guards:       W materializes from constants only (not a graph input), 2-D, x's dtype is
+                float32/bfloat16 and equals W's (the kernel's dtypes); otherwise left alone
+
+sparse_mlp_to_gemv
+  Pattern:      clada.sparse_mlp(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl) whose
+                weights are the graph inputs clada.L.w_in / w_up / b_in / b_up (each used once)
+  Replacement:  ops.gemv_mlp(x, w_gu_t, b_gu, w_down_t, b_down, tau, zero, act, gated, impl) on
+                new inputs clada.L.w_gu_t (d_model, 2k) = [gate^T | up^T] and clada.L.b_gu (2k),
+                or, for plain MLPs, clada.L.w_in_t (d_model, k) and clada.L.b_in: gate and up
+                are one GEMV over one contiguous buffer. The placeholders are renamed in place
+                (same positions), so the TracedGraph's input names stay aligned.
+
+Both return (gm, count): linears rewritten, MLPs rewritten. Numerics: the same sums in another
+order (fp32 accumulation); tests compare with HF within the fp32 tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .. import kernels  # noqa: F401  (registers torch.ops.clada.sparse_gemv_t)
+from ..ops import gemv_mlp
+from ._match import is_op
+
+aten = torch.ops.aten
+GEMV_DTYPES = (torch.float32, torch.bfloat16)
+ZERO = "clada_tau_zero"
+
+
+def _zero(gm: fx.GraphModule) -> fx.Node:
+    """get_attr of a shared float32 zero threshold (dense GEMV), registered once."""
+    if not hasattr(gm, ZERO):
+        gm.register_buffer(ZERO, torch.zeros(1, dtype=torch.float32))
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    existing = next((n for n in gm.graph.nodes if n.op == "get_attr" and n.target == ZERO), None)
+    if existing is not None:
+        return existing
+    with gm.graph.inserting_before(first):
+        return gm.graph.get_attr(ZERO)
+
+
+def _constant(gm, node):
+    """The tensor a weight expression evaluates to, or None when it depends on a graph input."""
+    from .lower import materialize
+
+    def constant_only(n):
+        if n.op == "get_attr":
+            return True
+        return n.op == "call_function" and all(constant_only(a) for a in n.args if isinstance(a, fx.Node))
+
+    if not isinstance(node, fx.Node) or not constant_only(node):
+        return None
+    return materialize(gm, node)
+
+
+def linears_to_gemv(gm: fx.GraphModule, cache: dict | None = None) -> tuple[fx.GraphModule, int]:
+    """cache: (data_ptr, ...) of a group's weights -> its fused W^T, so engines that share a
+    model (CLADA and its dense twin) share the transposed copies."""
+    g = gm.graph
+    groups: dict[fx.Node, list] = {}
+    for node in g.nodes:
+        if not is_op(node, aten.linear.default):
+            continue
+        x, w = node.args[:2]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+        wt = _constant(gm, w)
+        bt = _constant(gm, b) if b is not None else None
+        if xv is None or wt is None or wt.dim() != 2 or (b is not None and bt is None):
+            continue
+        if xv.dtype not in GEMV_DTYPES or wt.dtype != xv.dtype:
+            continue
+        groups.setdefault(x, []).append((node, wt, bt))
+    count = 0
+    cache = {} if cache is None else cache
+    for i, (x, members) in enumerate(groups.items()):
+        key = tuple((w.data_ptr(), tuple(w.shape)) for _, w, _ in members)
+        if key not in cache:
+            with torch.no_grad():
+                cache[key] = torch.cat([w.t() for _, w, _ in members], 1).contiguous()
+        fused = cache[key]
+        name = f"clada_gemv_wt_{i}"
+        gm.register_buffer(name, fused)
+        bias = None
+        if any(b is not None for _, _, b in members):
+            with torch.no_grad():
+                bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for _, w, b in members])
+            gm.register_buffer(f"clada_gemv_b_{i}", bias)
+        zero = _zero(gm)
+        first = members[0][0]
+        with g.inserting_before(first):
+            w_node = g.get_attr(name)
+            y = g.call_function(torch.ops.clada.sparse_gemv_t.default, (x, w_node, zero))
+            if bias is not None:
+                y = g.call_function(aten.add.Tensor, (y, g.get_attr(f"clada_gemv_b_{i}")))
+            start = 0
+            for node, w, _ in members:
+                out = y
+                if len(members) > 1:
+                    out = g.call_function(aten.slice.Tensor, (y, -1, start, start + w.shape[0]))
+                start += w.shape[0]
+                out.meta.update(node.meta)
+                node.replace_all_uses_with(out)
+        for node, _, _ in members:
+            g.erase_node(node)
+            count += 1
+    g.eliminate_dead_code()
+    return gm, count
+
+
+def _input(node, args_index):
+    """The placeholder at args[args_index] of a sparse_mlp call, if it is one used only there."""
+    a = node.args[args_index]
+    if a is None:
+        return None
+    if not isinstance(a, fx.Node) or a.op != "placeholder" or len(a.users) != 1:
+        raise _NoMatch
+    return a
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def sparse_mlp_to_gemv(traced) -> tuple[fx.GraphModule, int]:
+    """traced: the TracedGraph of a lowered decode graph; its input names follow the renames."""
+    gm = traced.gm
+    g = gm.graph
+    zero = None
+    count = 0
+    for node in list(g.nodes):
+        if not (node.op == "call_function" and node.target is torch.ops.clada.sparse_mlp.default):
+            continue
+        x, _, _, _, _, w_down_t, b_down, tau, act, impl = node.args
+        try:
+            w_in, b_in, w_up, b_up = (_input(node, i) for i in range(1, 5))
+        except _NoMatch:
+            continue
+        gated = w_up is not None
+        names = traced.input_names
+        phs = [n for n in g.nodes if n.op == "placeholder"]
+        layer = names[phs.index(w_in)].split(".")[1]
+
+        def rename(old, new_name):
+            idx = phs.index(old)
+            with g.inserting_before(old):
+                new = g.placeholder(new_name.replace(".", "_"))
+            new.meta.update(old.meta)
+            names.insert(idx, new_name)  # placeholders and names stay aligned; the old one goes below
+            phs.insert(idx, new)
+            return new
+
+        w_new = rename(w_in, f"clada.{layer}.{'w_gu_t' if gated else 'w_in_t'}")
+        b_new = None
+        if b_in is not None or b_up is not None:
+            b_new = rename(b_in if b_in is not None else b_up, f"clada.{layer}.{'b_gu' if gated else 'b_in'}")
+        if zero is None:
+            zero = _zero(gm)
+        with g.inserting_before(node):
+            new = g.call_function(gemv_mlp, (x, w_new, b_new, w_down_t, b_down, tau, zero, act, gated, impl))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        for old in (w_in, b_in, w_up, b_up):
+            if old is not None:
+                del names[[n for n in g.nodes if n.op == "placeholder"].index(old)]
+                g.erase_node(old)
+        count += 1
+    return gm, count
+
+
+__all__ = ["linears_to_gemv", "sparse_mlp_to_gemv"]
