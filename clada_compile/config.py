@@ -60,8 +60,11 @@ class CladaConfig:
     reselect: re-select the backbone on high-load events.
     enabled: False runs the dense model through the same graphs (baseline).
     backend: "inductor" (torch.compile) or "eager" (the rewritten graph run as Python, for debugging).
-    kernel: "auto" (C++/Triton sparse GEMV when available, error if the build fails),
-        "cpp" (require the C++ kernel), "reference" (masked dense matmul everywhere).
+    kernel: "auto" / "cpp": every decode projection (q/k/v/o, gate/up, down, lm_head) on the C++
+        input-sparse GEMV kernel (passes/gemv.py; error if the build fails); "reference": the
+        masked dense matmul of lower_decode's graph (torch's linear for the other projections).
+    precision: "fp32" or "bf16" (both run on the CPU kernels); "fp16" needs a CUDA model.
+        optimize() casts the model's floating-point weights to it, in place.
     """
 
     top_k_ratio: float = 1.0
@@ -80,7 +83,6 @@ class CladaConfig:
     backend: str = "inductor"
     kernel: str = "auto"
     precision: str = "fp32"
-    low_memory_mode: bool = False
     seed: int = 0
 
     def __post_init__(self):

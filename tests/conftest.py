@@ -9,10 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# ../shared beside the checkout (the layout of this workplace); CLADA_SHARED overrides it
-SHARED = Path(os.environ.get("CLADA_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-if not SHARED.is_dir() and Path("/work/shared").is_dir():
-    SHARED = Path("/work/shared")
+# the data the repository ships (data/README.md): prompts.jsonl, wikitext-2/valid.txt
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 torch.set_num_threads(2)
 

@@ -25,13 +25,13 @@ def test_matched_fraction_within_001(variant, tmp_path):
 
 def test_ablation_cli(tmp_path):
     from clada_compile.cli import eval as ev
-    from conftest import SHARED
+    from conftest import DATA
     from tiny import save_hf_dir
 
     model_dir = save_hf_dir(tmp_path / "llama")
     prof = toy_profile("llama", torch.randint(3, 90, (512,)), tmp_path / "p.json")[2]  # same weights as model_dir
     out = tmp_path / "abl.json"
-    assert ev.main_impl(["--model_path", str(model_dir), "--text", str(SHARED / "data" / "wikitext-2" / "valid.txt"),
+    assert ev.main_impl(["--model_path", str(model_dir), "--text", str(DATA / "wikitext-2" / "valid.txt"),
                          "--ablation", "--profile", prof, "--ablation_variants", "and-denser,static",
                          "--ablation_targets", "0.5", "--windows", "2", "--prompt_tokens", "16",
                          "--continuation_tokens", "24", "--update_window", "5", "--json", str(out)]) == 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clada_compile import metrics
-from conftest import SHARED, graphs_for
+from conftest import DATA, graphs_for
 from tiny import save_hf_dir
 
 
@@ -90,7 +90,7 @@ def test_bench_and_eval_smoke(tiny_dir, tmp_path):
     from clada_compile.cli import bench, eval as ev
     from clada_compile.compiled import CladaModel
 
-    text = SHARED / "data" / "wikitext-2" / "valid.txt"
+    text = DATA / "wikitext-2" / "valid.txt"
     prof = tmp_path / "p.json"
     model, graphs = graphs_for("llama")  # same weights as tiny_dir (seed 0)
     cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
@@ -140,7 +140,7 @@ def test_sweep_smoke(tiny_dir, tmp_path):
     cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
     prof.write_text(json.dumps(calibrate(cm, torch.randint(3, 90, (256,)), 0.5, 10.0, window=64)))
     out = tmp_path / "sweep.json"
-    text = SHARED / "data" / "wikitext-2" / "valid.txt"
+    text = DATA / "wikitext-2" / "valid.txt"
     assert bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--sweep", "--text", str(text),
                             "--profile", str(prof), "--sweep_top_k", "0.75,0.5", "--sweep_targets", "0.6",
                             "--windows", "2", "--prompt_tokens", "16", "--continuation_tokens", "8",

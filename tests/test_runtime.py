@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from clada_compile import CladaConfig
 from clada_compile.compiled import CladaModel
-from conftest import SHARED, graphs_for
+from conftest import DATA, graphs_for
 from tiny import save_hf_dir
 
 
@@ -134,7 +134,7 @@ def test_cli_generate_writes_outputs(tiny_dir, tmp_path, capsys):
 
     out = tmp_path / "out"
     rc = main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--data_path",
-                    str(SHARED / "data" / "prompts.jsonl"), "--num_prompts", "2", "--max_new_tokens", "12",
+                    str(DATA / "prompts.jsonl"), "--num_prompts", "2", "--max_new_tokens", "12",
                     "--top_k_ratio", "0.5", "--compare_with_baseline", "--output_dir", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
@@ -148,8 +148,12 @@ def test_cli_generate_writes_outputs(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--data_path", "/nonexistent/prompts.jsonl"], "prompt file not found"),
-    (["--data_path", str(SHARED / "data" / "prompts.jsonl"), "--prompt_field", "nope"], "has no field 'nope'"),
+    (["--data_path", str(DATA / "prompts.jsonl"), "--prompt_field", "nope"], "has no field 'nope'"),
     (["--prompt", "   "], "--prompt is empty"),
+    (["--prompt", "hi", "--backend", "ort", "--onnx_dir", "x", "--low_memory_mode"],
+     "--low_memory_mode does nothing at run time with --backend ort"),
+    (["--data_path", str(DATA / "prompts.jsonl"), "--num_prompts", "0"], "--num_prompts must be >= 1, got 0"),
+    (["--data_path", str(DATA / "prompts.jsonl"), "--num_prompts", "-1"], "--num_prompts must be >= 1, got -1"),
 ])
 def test_cli_bad_input(tiny_dir, tmp_path, capsys, args, message):
     from clada_compile.cli.generate import main

@@ -71,13 +71,8 @@ INSTALL_HINT = "pip install 'clada_compile[compare]' (builds llama-cpp-python fr
 
 
 def default_text() -> Path:
-    """The WikiText-2 validation text: ../shared beside the checkout, else /work/shared."""
-    rel = Path("data") / "wikitext-2" / "valid.txt"
-    beside = Path(__file__).resolve().parents[2].parent / "shared"
-    for shared in (os.environ.get("CLADA_SHARED"), beside, "/work/shared"):
-        if shared and (Path(shared) / rel).is_file():
-            return Path(shared) / rel
-    return Path("/work/shared") / rel
+    """The WikiText-2 validation text the repository ships (data/README.md); pass --text otherwise."""
+    return Path(__file__).resolve().parents[2] / "data" / "wikitext-2" / "valid.txt"
 
 
 def parse_engines(text: str | None) -> list[str]:

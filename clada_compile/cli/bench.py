@@ -2,7 +2,7 @@
 
     clada-bench --backend inductor --prompt_len 256 --new_tokens 128 --profile p.json --json bench.json
     clada-bench kernels                       # sparse GEMV kernel vs dense F.linear
-    clada-bench --sweep --text ../shared/data/wikitext-2/valid.txt --json sweep.json   # frontier + PNG
+    clada-bench --sweep --text data/wikitext-2/valid.txt --json sweep.json   # frontier + PNG
     clada-bench --compare --engines llama.cpp-f32,clada-dense-fp32,clada-fp32 --json compare.json
         # llama.cpp / ORT / HF / CLADA side by side (clada_compile.bench.compare; clada-bench --compare --help)
 """
@@ -128,7 +128,7 @@ def main_impl(argv=None):
     if args.sweep and args.backend == "ort":
         raise ValueError("--sweep runs on the torch backends (inductor, eager); measure ORT points with --backend ort")
     if args.sweep and not args.text:
-        raise ValueError("--sweep needs --text FILE to score perplexity on (e.g. ../shared/data/wikitext-2/valid.txt)")
+        raise ValueError("--sweep needs --text FILE to score perplexity on (e.g. data/wikitext-2/valid.txt)")
     engine, tok = build_engine(args, config)
     if args.text:
         from clada_compile.data import load_text_tokens

@@ -1,6 +1,6 @@
 """clada-calibrate: per-layer thresholds (uniform or error-allocated) from a text -> profile JSON.
 
-    clada-calibrate --text ../shared/data/wikitext-2/valid.txt --target_active 0.5 --output smollm2.profile.json
+    clada-calibrate --text data/wikitext-2/valid.txt --target_active 0.5 --output smollm2.profile.json
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ def add_model_flags(p: argparse.ArgumentParser):
     p.add_argument("--backend", default="inductor", choices=["inductor", "eager", "ort"])
     p.add_argument("--onnx_dir", default=None, help="clada-export --onnx output (for --backend ort)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--low_memory_mode", action="store_true", help="torch: bf16 weights; ort: the int8 export")
+    p.add_argument("--low_memory_mode", action="store_true", help="bf16 weights (torch backends; for ORT use clada-export --low_memory_mode)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
 
 
@@ -47,8 +47,10 @@ def config_from_args(args, **extra):
         kw["profile"] = shipped_profile(args.model_path)  # the embedded model's own calibration
     if getattr(args, "backend", "inductor") in ("inductor", "eager"):
         kw["backend"] = args.backend
-    kw["precision"] = "bf16" if args.low_memory_mode and args.precision == "fp32" and args.backend != "ort" else args.precision
-    kw["low_memory_mode"] = args.low_memory_mode
+    if args.low_memory_mode and args.backend == "ort":
+        raise ValueError("--low_memory_mode does nothing at run time with --backend ort: the export decides the "
+                         "weights' precision; export with `clada-export --onnx --low_memory_mode` instead")
+    kw["precision"] = "bf16" if args.low_memory_mode and args.precision == "fp32" else args.precision
     kw.update(extra)
     return CladaConfig(**kw)
 

@@ -1,6 +1,6 @@
 """clada-eval: the quality cost on real text (teacher-forced perplexity through the decode path).
 
-    clada-eval --text ../shared/data/wikitext-2/valid.txt --windows 8 --prompt_tokens 384 \
+    clada-eval --text data/wikitext-2/valid.txt --windows 8 --prompt_tokens 384 \
         --continuation_tokens 128 --methods griffin,calibrated --profile smollm2.profile.json --json eval.json
 """
 

@@ -119,7 +119,7 @@ def main_impl(argv=None):
         from clada_compile.calibrate import shipped_profile
 
         kw["profile"] = shipped_profile(args.model_path)  # the embedded model's own calibration
-    config = CladaConfig(precision=args.precision, low_memory_mode=args.low_memory_mode, **kw)
+    config = CladaConfig(precision=args.precision, **kw)
     t0 = time.perf_counter()
     try:
         out = export_onnx(args.model_path, args.output, config=config, opset=args.opset or DEFAULT_OPSET,

@@ -1,6 +1,6 @@
 """clada-generate: CLADA generation on prompts, with the dense baseline side by side.
 
-    clada-generate --data_path ../shared/data/prompts.jsonl --num_prompts 3 --compare_with_baseline
+    clada-generate --data_path data/prompts.jsonl --num_prompts 3 --compare_with_baseline
     clada-generate --prompt "The history of" --max_new_tokens 64 --verbose
 """
 
@@ -56,6 +56,8 @@ def _prompts(args):
         return [args.prompt]
     if not args.data_path:
         raise ValueError("pass --prompt TEXT or --data_path FILE.jsonl")
+    if args.num_prompts < 1:
+        raise ValueError(f"--num_prompts must be >= 1, got {args.num_prompts}")
     return load_prompts(args.data_path, args.prompt_field, args.num_prompts)
 
 

@@ -6,13 +6,16 @@ with ``W`` (N, K) contiguous. Sparse is the public op ``sparse_gemv_t`` on
 checks. The first sparse call builds/loads the C++ kernel (a warm-up call).
 
 Method: same process; the dense and sparse calls alternate so both see the
-same machine state (frequency, other load, cache contents); warm-up calls are
-excluded; medians are reported. Each iteration uses the next of a pool of
-random ``x`` vectors, each with its own ``tau`` set to the ``1 - fraction``
-quantile of its ``|x|``, so the active rows change from call to call as they
-do between tokens (a fixed ``x`` would let the sparse kernel re-read the same
-rows from cache). Weights of the small shapes fit in L3 and stay there for
-both methods, as in any loop over one layer.
+same machine state (frequency, other load); warm-up calls are excluded;
+medians are reported. Each shape gets several independent weight matrices,
+enough to fill a working set larger than the last-level cache
+(``working_set_mb``, default 4x the L3 size), and every timed iteration runs
+each of them once, as a decode step runs its layers: a single matrix would sit
+in the cache and overstate the bandwidth. Each iteration uses the next of a
+pool of random ``x`` vectors, each with its own ``tau`` set to the
+``1 - fraction`` quantile of its ``|x|``, so the active rows change from call
+to call as they do between tokens. ``fraction`` 1.0 is the dense GEMV
+(tau = 0): its GB/s column is the kernel's streaming bandwidth.
 
 Run as ``python -m clada_compile.kernels.bench`` to print the table.
 """
@@ -48,18 +51,29 @@ def _inputs(K: int, fraction: float, dtype: torch.dtype, generator: torch.Genera
     return pool
 
 
-def _time_pair(W, wt, pool, repeats: int):
+def _llc_bytes() -> int:
+    try:
+        size = open("/sys/devices/system/cpu/cpu0/cache/index3/size").read().strip()
+        return int(size.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+def _time_pair(mats, pool, repeats: int):
+    """Per-matrix ms of F.linear and sparse_gemv_t, each iteration over every matrix once."""
     dense, sparse = [], []
     for it in range(_WARMUP + repeats):
         x, tau = pool[it % len(pool)]
         t0 = time.perf_counter()
-        F.linear(x, W)
+        for W, _ in mats:
+            F.linear(x, W)
         t1 = time.perf_counter()
-        sparse_gemv_t(x, wt, tau)
+        for _, wt in mats:
+            sparse_gemv_t(x, wt, tau)
         t2 = time.perf_counter()
         if it >= _WARMUP:
-            dense.append((t1 - t0) * 1e3)
-            sparse.append((t2 - t1) * 1e3)
+            dense.append((t1 - t0) * 1e3 / len(mats))
+            sparse.append((t2 - t1) * 1e3 / len(mats))
     return dense, sparse
 
 
@@ -69,15 +83,17 @@ def _realized_fraction(pool) -> float:
 
 def run_kernel_bench(
     shapes=DEFAULT_SHAPES,
-    fractions=(0.5, 0.3),
+    fractions=(1.0, 0.5, 0.3),
     threads: int = 2,
     repeats: int | None = None,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    working_set_mb: float | None = None,
 ) -> list[dict]:
     """Time dense ``F.linear`` vs ``sparse_gemv_t`` for each (K, N) and active fraction.
 
     ``repeats=None`` picks a count per shape (30 for 7B-class, 1000 for small).
+    ``working_set_mb``: bytes of weights cycled per shape (default 4x the L3).
     Sets torch's intra-op threads to ``threads`` for the run and restores them.
     Returns one dict per (shape, fraction) with medians, speedup
     (dense / sparse) and the raw per-call timings in milliseconds.
@@ -92,13 +108,18 @@ def run_kernel_bench(
     torch.set_num_threads(threads)
     rows = []
     try:
+        working_set = (working_set_mb * 2**20) if working_set_mb is not None else 4 * _llc_bytes()
         for K, N in shapes:
-            W = torch.randn(N, K, generator=generator).to(dtype)
-            wt = W.t().contiguous()
-            n_repeats = repeats or (_REPEATS_BIG if K * N >= _BIG_WEIGHT_ELEMENTS else _REPEATS_SMALL)
+            nbytes = K * N * torch.finfo(dtype).bits // 8
+            n_mats = max(1, -(-int(working_set) // nbytes))
+            mats = []
+            for _ in range(n_mats):
+                W = torch.randn(N, K, generator=generator).to(dtype)
+                mats.append((W, W.t().contiguous()))
+            n_repeats = repeats or (_REPEATS_BIG if K * N >= _BIG_WEIGHT_ELEMENTS else _REPEATS_SMALL // n_mats + 3)
             for fraction in fractions:
                 pool = _inputs(K, fraction, dtype, generator)
-                dense, sparse = _time_pair(W, wt, pool, n_repeats)
+                dense, sparse = _time_pair(mats, pool, n_repeats)
                 dense_med, sparse_med = statistics.median(dense), statistics.median(sparse)
                 rows.append(
                     {
@@ -111,11 +132,14 @@ def run_kernel_bench(
                         "dense_ms_median": dense_med,
                         "sparse_ms_median": sparse_med,
                         "speedup": dense_med / sparse_med,
+                        "matrices": n_mats,
+                        "dense_gb_s": nbytes / dense_med / 1e6,
+                        "sparse_gb_s": nbytes * _realized_fraction(pool) / sparse_med / 1e6,
                         "dense_ms": dense,
                         "sparse_ms": sparse,
                     }
                 )
-            del W, wt
+            del mats
     finally:
         torch.set_num_threads(previous_threads)
     return rows
@@ -124,13 +148,14 @@ def run_kernel_bench(
 def format_table(rows: list[dict]) -> str:
     """Markdown table of ``run_kernel_bench`` rows."""
     lines = [
-        "| K | N | dtype | active | dense ms | sparse ms | speedup |",
-        "|---:|---:|:---|---:|---:|---:|---:|",
+        "| K | N | dtype | active | matrices cycled | F.linear ms (GB/s) | sparse_gemv_t ms (GB/s of kept rows) | speedup |",
+        "|---:|---:|:---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['K']} | {r['N']} | {r['dtype']} | {r['active_fraction']:.0%} "
-            f"| {r['dense_ms_median']:.3f} | {r['sparse_ms_median']:.3f} | {r['speedup']:.2f}x |"
+            f"| {r['K']} | {r['N']} | {r['dtype']} | {r['active_fraction']:.0%} | {r['matrices']} "
+            f"| {r['dense_ms_median']:.3f} ({r['dense_gb_s']:.1f}) | {r['sparse_ms_median']:.3f} ({r['sparse_gb_s']:.1f}) "
+            f"| {r['speedup']:.2f}x |"
         )
     return "\n".join(lines)
 

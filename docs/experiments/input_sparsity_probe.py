@@ -54,7 +54,7 @@ def patch_mlps(model, state):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", default="smollm2")
-    p.add_argument("--text", default="../shared/data/wikitext-2/valid.txt")
+    p.add_argument("--text", default="data/wikitext-2/valid.txt")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--prompt_tokens", type=int, default=384)
     p.add_argument("--continuation_tokens", type=int, default=128)
