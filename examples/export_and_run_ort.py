@@ -1,7 +1,10 @@
 """Export SmolLM2-135M to ONNX (prefill + decode graphs, thresholds as inputs), load it in ONNX
 Runtime, generate dense and CLADA side by side.
 
-    python examples/export_and_run_ort.py [output_dir]
+    python examples/export_and_run_ort.py [output_dir] [model]
+
+model: "smollm2" (default; the export and its validation take ~4 minutes on 2 cores) or any
+load_model() spec (an HF directory, a .gguf).
 """
 
 import sys
@@ -13,8 +16,9 @@ from clada_compile.exporters.onnx import export_onnx
 from clada_compile.exporters.ort import OrtCladaModel
 
 out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="clada-onnx-")
-config = CladaConfig(profile=shipped_profile("smollm2"))
-export_onnx("smollm2", out, config, force=True, log=print)  # validated against PyTorch before it lands
+model = sys.argv[2] if len(sys.argv) > 2 else "smollm2"
+config = CladaConfig(profile=shipped_profile(model))
+export_onnx(model, out, config, force=True, log=print)  # validated against PyTorch before it lands
 
 engine = OrtCladaModel.from_dir(out, threads=2)  # the recorded config and profile
 tok = engine.tokenizer
