@@ -104,8 +104,7 @@ class CladaModel(nn.Module):
         gm = fx.GraphModule(decode.gm, copy.deepcopy(decode.gm.graph))
         traced = TracedGraph(gm, "decode", list(decode.input_names), list(decode.output_names), decode.sites)
         _, self.gemv_rewrites["sparse_mlp_to_gemv"] = sparse_mlp_to_gemv(traced)
-        cache = self.graphs.__dict__.setdefault("_gemv_weights", {})  # shared with the dense twin
-        _, self.gemv_rewrites["linears_to_gemv"] = linears_to_gemv(gm, cache)
+        _, self.gemv_rewrites["linears_to_gemv"] = linears_to_gemv(gm, self.graphs.gemv_weights)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()

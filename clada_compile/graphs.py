@@ -27,6 +27,9 @@ class CladaGraphs:
     rewrites: dict  # pass name -> count, for the prefill trace (the decode trace matches it)
     impl: str  # default impl of `decode` (ops.IMPLS)
     _lowered: dict = field(default_factory=dict)
+    # fused W^T constants of passes.gemv.linears_to_gemv, made once per traced model and shared by
+    # every engine on these graphs (CLADA and its dense twin)
+    gemv_weights: dict = field(default_factory=dict)
 
     def decode_for(self, impl: str) -> TracedGraph:
         """The decode graph whose sparse_mlp ops run with `impl` (built once per impl)."""
