@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(PY) -m pytest -q -x tests
 
+# development loop: the suite without the tests marked slow (make test runs everything, as CI does)
+.PHONY: test-quick
+test-quick: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
 demo: setup
 	$(VENV)/bin/clada-generate --model_path smollm2 --data_path $(DATA)/prompts.jsonl \
 		--num_prompts 3 --max_new_tokens 48 --backend eager --compare_with_baseline --output_dir demo_output

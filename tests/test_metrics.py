@@ -84,6 +84,7 @@ def tiny_dir(tmp_path_factory):
     return save_hf_dir(tmp_path_factory.mktemp("tiny") / "llama")
 
 
+@pytest.mark.slow
 def test_bench_and_eval_smoke(tiny_dir, tmp_path):
     from clada_compile import CladaConfig
     from clada_compile.calibrate import calibrate
@@ -91,6 +92,7 @@ def test_bench_and_eval_smoke(tiny_dir, tmp_path):
     from clada_compile.compiled import CladaModel
 
     text = DATA / "wikitext-2" / "valid.txt"
+    torch.manual_seed(0)  # the calibration ids: the active-fraction checks below read one profile
     prof = tmp_path / "p.json"
     model, graphs = graphs_for("llama")  # same weights as tiny_dir (seed 0)
     cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
@@ -99,21 +101,25 @@ def test_bench_and_eval_smoke(tiny_dir, tmp_path):
     assert bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--prompt_len", "16",
                             "--new_tokens", "8", "--repeats", "2", "--top_k_ratio", "0.5", "--json", str(out)]) == 0
     b = json.loads(out.read_text())
-    assert {"machine", "dense_tokens_per_s", "clada_tokens_per_s", "speedup", "runs", "peak_rss_mb"} <= set(b)
-    assert len(b["runs"]["dense"]) == 2 and {"cpu", "threads", "torch"} <= set(b["machine"])
+    # speeds are timings (not checkable here); which engine ran is: the dense runs keep every
+    # neuron, the CLADA runs about top_k_ratio of them (k rounds up), one record per repeat
+    assert [r["active_fraction"] for r in b["runs"]["dense"]] == [1.0, 1.0]
+    assert len(b["runs"]["clada"]) == 2 and 0.45 < b["clada_active_fraction"] < 0.6
     out = tmp_path / "kernel_ab.json"
     assert bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--prompt_len", "16",
                             "--new_tokens", "8", "--repeats", "2", "--profile", str(prof), "--target_active", "0.5",
                             "--kernel_ab", "--json", str(out)]) == 0
     k = json.loads(out.read_text())["results"]
-    assert set(k) == {"dense", "kernel_off", "kernel_on"} and k["dense"]["speedup"] == 1.0
+    assert set(k) == {"dense", "kernel_off", "kernel_on"} and k["dense"]["active_fraction"] == 1.0
     # same thresholds either way: the kernel changes the speed, not what is kept
     out = tmp_path / "profile.json"
     assert bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--prompt_len", "16",
                             "--new_tokens", "4", "--profile", str(prof), "--target_active", "0.5",
                             "--profile_decode", "--json", str(out)]) == 0
     for r in json.loads(out.read_text())["results"].values():
-        assert 0 < r["mlp_down_ms"] < r["mlp_ms"] < r["ms_per_token"] and r["lm_head_ms"] > 0
+        # attribution, not timing (profiler times against wall time can flake under load): every
+        # bucket found its ops; a shape rule that misses the gate/up, down or lm_head ops leaves it 0
+        assert r["steps"] == 4 and r["mlp_down_ms"] > 0 and r["mlp_ms"] > r["mlp_down_ms"] and r["lm_head_ms"] > 0
     with pytest.raises(ValueError, match="--profile_decode needs --backend eager, got --backend inductor"):
         bench.main_impl(["--model_path", str(tiny_dir), "--backend", "inductor", "--profile_decode"])
     assert abs(k["kernel_on"]["active_fraction"] - k["kernel_off"]["active_fraction"]) < 1e-6 < 1 - k["kernel_on"]["active_fraction"]
@@ -123,18 +129,24 @@ def test_bench_and_eval_smoke(tiny_dir, tmp_path):
                          "--methods", "griffin,calibrated", "--profile", str(prof), "--json", str(out)]) == 0
     e = json.loads(out.read_text())
     assert e["windows"] == 2 and [r["method"] for r in e["results"]] == ["griffin", "calibrated"]
-    r = e["results"][1]
-    assert {"dense_ppl", "ppl", "ppl_increase_pct", "ppl_increase_ci95", "active_fraction",
-            "greedy_first_divergence_mean", "greedy_rouge_l_mean"} <= set(r)
-    assert r["scored_tokens"] == 16
+    griffin, r = e["results"]
+    # one dense model on the same windows: every method reports the same baseline
+    assert griffin["dense_ppl"] == r["dense_ppl"] and r["scored_tokens"] == 16
+    # griffin keeps about top_k_ratio=0.5 (its default), the profile about its target 0.5
+    assert 0.45 < griffin["active_fraction"] < 0.6 and abs(r["active_fraction"] - 0.5) < 0.1
+    lo, hi = r["ppl_increase_ci95"]
+    assert lo <= r["ppl_increase_pct"] <= hi
+    assert 0 <= r["greedy_first_divergence_mean"] <= 4 and 0 <= r["greedy_rouge_l_mean"] <= 1
 
 
+@pytest.mark.slow
 def test_sweep_smoke(tiny_dir, tmp_path):
     from clada_compile import CladaConfig
     from clada_compile.calibrate import calibrate
     from clada_compile.cli import bench
     from clada_compile.compiled import CladaModel
 
+    torch.manual_seed(0)  # the calibration ids: the active-fraction checks below read one profile
     prof = tmp_path / "p.json"
     model, graphs = graphs_for("llama")
     cm = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
@@ -148,10 +160,14 @@ def test_sweep_smoke(tiny_dir, tmp_path):
     s = json.loads(out.read_text())
     assert [(p["method"], p["value"]) for p in s["points"]] == [
         ("griffin", 0.75), ("griffin", 0.5), ("paper", 0.75), ("paper", 0.5), ("calibrated", 0.6)]
+    point = {(p["method"], p["value"]): p for p in s["points"]}
+    for method in ("griffin", "paper"):  # a smaller top_k_ratio keeps fewer neurons, scoring and decoding
+        for key in ("eval_active_fraction", "decode_active_fraction"):
+            assert point[(method, 0.5)][key] < point[(method, 0.75)][key] < 1.0, (method, key)
+    assert abs(point[("calibrated", 0.6)]["eval_active_fraction"] - 0.6) < 0.1
     for p in s["points"]:
-        assert {"ppl_increase_pct", "ppl_increase_ci95", "speedup", "tokens_per_s", "eval_active_fraction",
-                "decode_active_fraction"} <= set(p)
-        assert len(p["raw_tokens_per_s"]) == 2
+        lo, hi = p["ppl_increase_ci95"]
+        assert lo <= p["ppl_increase_pct"] <= hi and len(p["raw_tokens_per_s"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0
     with pytest.raises(ValueError, match="--text"):
         bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--sweep"])

@@ -1,7 +1,10 @@
 """Per pass: a tiny module per source variant, the exact rewrite count, eager and compiled equality
 with the original, and variants that must not match."""
 
+import copy
+import functools
 import math
+import operator
 
 import pytest
 import torch
@@ -131,17 +134,130 @@ class GateUsedTwice(Gated):
         return self.down(g * self.up(x)) + g.sum(-1, keepdim=True)
 
 
+class GateProjectionUsedTwice(Gated):
+    def forward(self, x):
+        h = self.gate(x)
+        return self.down(F.silu(h) * self.up(x)) + h.sum(-1, keepdim=True)
+
+
+class UpUsedTwice(Gated):
+    def forward(self, x):
+        u = self.up(x)
+        return self.down(F.silu(self.gate(x)) * u) + u.sum(-1, keepdim=True)
+
+
+class Fc1UsedTwice(Plain):
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(self.act(h)) + h.sum(-1, keepdim=True)
+
+
 def almost_new_gelu(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.05 * torch.pow(x, 3.0))))
 
 
-@pytest.mark.parametrize("module", [Sigmoid(), GateUsedTwice(), Plain(act=almost_new_gelu)],
-                         ids=["unsupported-activation", "intermediate-reused", "wrong-gelu-constant"])
+@pytest.mark.parametrize("module", [Sigmoid(), GateUsedTwice(), GateProjectionUsedTwice(), UpUsedTwice(),
+                                    Fc1UsedTwice(), Plain(act=almost_new_gelu)],
+                         ids=["unsupported-activation", "activation-reused", "gate-projection-reused", "up-reused",
+                              "plain-fc1-reused", "wrong-gelu-constant"])
 def test_must_not_match(module):
     gm = export_flat(module, X)
+    passes.run_passes(gm, (passes.remove_noise,))
+    before = str(gm.graph)
     counts = run(gm, FUSE, X)
+    assert str(gm.graph) == before  # not even half rewritten
     assert counts["fuse_gated_mlp"] == counts["fuse_plain_mlp"] == counts["canonicalize_gelu_tanh"] == 0
     assert not any(n.target is mlp_site for n in gm.graph.nodes)
+
+
+class FusedGatedTapped(FusedGated):
+    """Phi-3's MLP with one intermediate of the fused pattern also read outside the MLP."""
+
+    def __init__(self, tap):
+        super().__init__()
+        self.tap = tap
+
+    def forward(self, x):
+        y = self.gate_up(x)
+        g, u = y.chunk(2, dim=-1)
+        extra = {"projection": y, "gate": g, "up": u}[self.tap]
+        return self.down(u * F.silu(g)) + extra.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("tap", ["projection", "gate", "up"])
+def test_phi3_intermediate_reused_leaves_graph_unchanged(tap):
+    """The rewrite erases the fused projection and both chunk halves; when one has another user the
+    pass must leave the graph exactly as it was (no dangling slices, no failed erase_node)."""
+    gm = export_flat(FusedGatedTapped(tap), X)
+    passes.run_passes(gm, (passes.remove_noise,))
+    before, ref = str(gm.graph), gm(X)
+    _, count = passes.fuse_gated_mlp(gm)
+    assert count == 0 and str(gm.graph) == before
+    gm.graph.lint()
+    gm.recompile()
+    torch.testing.assert_close(gm(X), ref, atol=0, rtol=0)
+
+
+def test_phi3_failed_dtype_guard_leaves_no_slices():
+    """The dtype guard fails after the structural ones: the weight slices must not exist yet. A mixed
+    dtype MLP cannot be exported (linear rejects it), so the down weight's recorded dtype is edited."""
+    gm = export_flat(FusedGated(), X)
+    passes.run_passes(gm, (passes.remove_noise,))
+    w_down = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "down.weight")
+    w_down.meta["val"] = w_down.meta["val"].double()
+    before = str(gm.graph)
+    _, count = passes.fuse_gated_mlp(gm)
+    assert count == 0 and str(gm.graph) == before
+
+
+@functools.lru_cache(maxsize=None)
+def _phi3_decode_trace():
+    from clada_compile.tracing import trace
+    from tiny import build
+
+    model = build("phi3")
+    traced = trace(model, "decode")
+    passes.run_passes(traced.gm, (passes.remove_noise,))
+    return model, traced.gm
+
+
+def _phi3_inputs(model):
+    from clada_compile.tracing import _kv_shape, num_layers
+
+    torch.manual_seed(0)
+    past = [torch.randn(_kv_shape(model, 1, 5)[0]) for _ in range(2 * num_layers(model))]
+    return (torch.randint(3, 90, (1, 3)), torch.ones(1, 8, dtype=torch.long), torch.arange(5, 8).view(1, 3), *past)
+
+
+@pytest.mark.parametrize("tap", ["projection", "chunk", "gate", "up"])
+def test_phi3_model_layer_with_extra_user_is_left_alone(tap):
+    """Tiny Phi-3 decode trace; layer 0's fused gate_up projection, its chunk or one half gets an
+    extra (dead) user: layer 0 stays as traced, layer 1 is still fused, the graph runs unchanged."""
+    model, traced = _phi3_decode_trace()
+    gm = torch.fx.GraphModule(traced, copy.deepcopy(traced.graph))
+    g = gm.graph
+    chunk = next(n for n in g.nodes if n.target is torch.ops.aten.chunk.default)
+    halves = sorted(chunk.users, key=lambda n: n.args[1])
+    target = {"projection": chunk.args[0], "chunk": chunk, "gate": halves[0], "up": halves[1]}[tap]
+    with g.inserting_after(target):
+        if tap == "chunk":  # a chunk's users are getitems
+            g.call_function(operator.getitem, (chunk, 0))
+        else:
+            g.call_function(torch.ops.aten.sum.default, (target,))
+    gm.recompile()
+    args = _phi3_inputs(model)
+    ref = gm(*args)
+    layer0 = [n.name for n in g.nodes if n in (chunk, chunk.args[0], *halves)]
+    _, count = passes.fuse_gated_mlp(gm)
+    assert count == 1
+    (site,) = sites(g)
+    assert site.meta["clada_layer"] == 1
+    assert [n.name for n in g.nodes if n.name in layer0] == layer0
+    assert not any(n.target is torch.ops.aten.slice.Tensor and n.args[0] is chunk.args[0].args[1]
+                   for n in g.nodes)  # no slices of layer 0's fused weight left behind
+    g.lint()
+    gm.recompile()
+    torch.testing.assert_close(gm(*args), ref, atol=1e-5, rtol=0)
 
 
 class SparseMLPCall(nn.Module):  # what lower_decode leaves in a decode graph: one op per layer
@@ -179,10 +295,18 @@ def test_inline_sparse_mlp(impl, rows):
     assert kept == ref[1]  # the kept count is exact, not approximately equal
 
 
-def test_inline_sparse_mlp_must_not_match():
-    gm = export_flat(Gated(), X)
-    counts = run(gm, (passes.inline_sparse_mlp,), X)
-    assert counts == {"inline_sparse_mlp": 0}
+def test_inline_sparse_mlp_leaves_the_prefill_op():
+    """clada::scored_mlp (prefill) takes the same weights as clada::sparse_mlp but returns scores,
+    not a kept count: inlining it as sparse_mlp_math would be wrong. Tiny Llama, 2 layers."""
+    from conftest import graphs_for
+
+    _, graphs = graphs_for("llama")
+    src = graphs.prefill.gm
+    gm = torch.fx.GraphModule(src, copy.deepcopy(src.graph))
+    before = str(gm.graph)
+    _, count = passes.inline_sparse_mlp(gm)
+    assert count == 0 and str(gm.graph) == before
+    assert sum(n.target is torch.ops.clada.scored_mlp.default for n in gm.graph.nodes) == 2
 
 
 # ---- linears_to_gemv / sparse_mlp_to_gemv (passes/gemv.py) -----------------------------------

@@ -65,11 +65,15 @@ def test_clada_generation_records_and_reselection():
     ids = torch.randint(3, 90, (1, 10))
     out = cm.generate(ids, max_new_tokens=24)
     assert out.new_tokens == 24 and len(out.records) == 24
-    r = out.records[-1]
-    assert set(r) >= {"surprisal", "entropy", "tau_mean", "active_fraction", "reselect", "load"}
     assert 0 < out.mean_active_fraction < 0.6  # backbone 0.5, thresholds drop more
-    assert out.events == sum(r["reselect"] for r in out.records)
-    assert out.events >= 1
+    # the paper's rule, checked on the recorded signals: a re-selection only on a token whose
+    # surprisal and entropy are both above the window thresholds, at most one per window (4 tokens)
+    steps = [i for i, r in enumerate(out.records) if r["reselect"]]
+    assert steps, "the test should exercise re-selection"
+    for i in steps:
+        r = out.records[i]
+        assert r["surprisal"] > r["s_threshold"] and r["entropy"] > r["e_threshold"], r
+    assert all(b - a >= 4 for a, b in zip(steps, steps[1:])), steps
 
 
 def test_batch_shares_one_active_set():
@@ -140,10 +144,21 @@ def test_cli_generate_writes_outputs(tiny_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "speedup" in table and "agreement" in table
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["prompts"]) == 2 and "median_speedup" in summary and "mean_active_fraction" in summary
+    assert len(summary["prompts"]) == 2
+    for p in summary["prompts"]:
+        # which engine ran each mode: the dense baseline keeps every neuron, CLADA about top_k_ratio
+        assert p["dense"]["mean_active_fraction"] == pytest.approx(1.0)
+        assert 0.45 < p["clada"]["mean_active_fraction"] < 0.6 and 0 <= p["token_agreement"] <= 1
+    assert summary["median_speedup"] > 0  # 12 new tokens: decode steps ran, so speed was measured
     assert (out / "trace_0.png").stat().st_size > 1000
     rows = [json.loads(line) for line in (out / "tokens_0_clada.jsonl").read_text().splitlines()]
-    assert rows and "surprisal" in rows[0]
+    assert len(rows) == summary["prompts"][0]["clada"]["new_tokens"]  # one record per generated token
+    # the per-token trace and the summary describe the same generation
+    from transformers import AutoTokenizer
+
+    tokens = [r["token"][0] for r in rows]
+    assert AutoTokenizer.from_pretrained(tiny_dir).decode(tokens, skip_special_tokens=True) == \
+        summary["prompts"][0]["clada"]["text"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -75,14 +75,14 @@ def mlp_site(x, w_in, b_in, w_up, b_up, w_down, b_down, act):
     """Marker left by the fusion passes: one matched MLP, still executable (reference math).
 
     The lowering passes replace every marker by a clada op; keeping it executable means the graph
-    stays a runnable, lintable GraphModule between passes.
+    stays a runnable, lintable GraphModule between passes. Passes insert it with
+    graph.call_function and nothing symbolically traces code that calls it, so it needs no
+    torch.fx.wrap: the generated code reaches it through the function object, and torch.compile
+    traces into its body.
     """
     from clada_compile.ops import reference_mlp
 
     return reference_mlp(x, w_in, b_in, w_up, b_up, w_down, b_down, act)
-
-
-torch.fx.wrap("mlp_site")
 
 
 def insert_site(graph: fx.Graph, out_node, x, w_in, b_in, w_up, b_up, w_down, b_down, act, kind) -> fx.Node:
