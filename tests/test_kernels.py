@@ -24,9 +24,10 @@ from clada_compile.kernels import (
 from clada_compile.kernels import triton_gemv
 from clada_compile.kernels.bench import format_table, run_kernel_bench
 
-# Shapes deliberately off the vector width (8 fp32 lanes, 32-column tiles,
-# 8-row groups) so every tail path of the C++ kernel runs.
-SHAPES = [(1, 1), (5, 17), (37, 129), (64, 64), (300, 1000), (1031, 77)]
+# Shapes deliberately off the vector width (8 fp32 lanes, 32-column tiles; bf16
+# with AVX-512: 32-column [even | odd] tiles, two at a time, 8-row groups) so
+# every tail path of the C++ kernel runs.
+SHAPES = [(1, 1), (5, 17), (9, 32), (37, 129), (64, 64), (13, 95), (300, 1000), (1031, 77)]
 KEEP_FRACTIONS = [0.0, 0.5, 1.0]
 
 # fp32: the kernel only reorders fp32 sums (and fuses multiply-adds), so the
@@ -118,6 +119,24 @@ def test_cpu_kernel_bf16_matches_reference(shape, keep, kernel_calls):
     atol = BF16_RTOL * _scale(x, wt).max().item()
     torch.testing.assert_close(y, reference_sparse_gemv_t(x, wt, tau), rtol=BF16_RTOL, atol=atol)
     assert kernel_calls() == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [32, 64, 96 + 13, 2 * 8192 + 4096 + 45])
+def test_cpu_kernel_exact_on_small_integers(dtype, N, kernel_calls):
+    """Small integers make every product and partial sum exact in fp32, so the kernel must equal
+    the float64 result rounded once to the output dtype, whatever its summation order: a column
+    that lands in the wrong place (the bf16 kernel keeps [even | odd] column tiles internally)
+    or is dropped shows up exactly. N = 20525 crosses two 8192-column accumulator pieces and ends
+    in a 45-column tail; K = 40 with ~6/7 kept gives both threads rows and an odd group."""
+    K = 40
+    g = torch.Generator().manual_seed(N)
+    x = torch.randint(-3, 4, (K,), generator=g).to(dtype)
+    wt = torch.randint(-8, 9, (K, N), generator=g).to(dtype)
+    for tau in (torch.tensor(0.0), torch.tensor([0.5]), torch.tensor(2.5)):
+        y = sparse_gemv_t(x, wt, tau)
+        assert torch.equal(y, _exact(x, wt, tau).to(dtype))
+    assert kernel_calls() == 3
 
 
 def test_keep_none_and_keep_all_are_exact_special_cases():
