@@ -16,6 +16,12 @@ costs +1.4% / +3.0% (docs/BENCHMARKS.md, "Calibration: uniform vs greedy"). The 
 tau and its whole fraction -> (tau, error) curve, so a controller can move along it.
 
 Thresholds apply inside the backbone; the calibration runs with the full backbone (top_k = 1).
+
+Input groups (config.INPUT_GROUPS: the MLP's input x for gate/up, the attention projections'
+inputs): the same text, the same graph; each requested group keeps its target fraction of input
+channels in every layer (uniform), tau = that quantile of |x| over the sampled tokens. Their
+curves (fraction -> tau) let a sweep move along them without recalibrating. Profile format 2 adds
+them under "inputs"; format 1 profiles (h only) still load.
 """
 
 from __future__ import annotations
@@ -33,41 +39,88 @@ from .ops import _hidden
 
 FRACTIONS = [round(1.0 - 0.05 * i, 2) for i in range(19)]  # 1.00 .. 0.10
 ALLOCATIONS = ("uniform", "greedy")
-PROFILE_FORMAT = "clada-profile/1"
+PROFILE_FORMAT = "clada-profile/2"
+READABLE_FORMATS = ("clada-profile/1", PROFILE_FORMAT)
 
 
 class _Collector(fx.Interpreter):
-    def __init__(self, gm, store, max_rows, generator):
+    """Samples, per layer, rows of h (store[layer]) and of the watched projection inputs
+    (store[(group, layer)]): the same rows of one window for every tensor."""
+
+    def __init__(self, gm, store, max_rows, generator, watch):
         super().__init__(gm)
-        self.store, self.max_rows, self.gen, self.layer = store, max_rows, generator, 0
+        self.store, self.max_rows, self.gen, self.layer, self.watch = store, max_rows, generator, 0, watch
+        self.take = None
+
+    def _sample(self, key, t):
+        t = t.reshape(-1, t.shape[-1])
+        if self.take is None or self.take.numel() > t.shape[0]:
+            self.take = torch.randperm(t.shape[0], generator=self.gen)[: self.max_rows]
+        self.store.setdefault(key, []).append(t[self.take].float())
+
+    def run_node(self, n):
+        if n in self.watch:  # a projection whose input is thresholded: record that input
+            self._sample(self.watch[n], self.env[n.args[0]])
+        return super().run_node(n)
 
     def call_function(self, target, args, kwargs):
         if target is torch.ops.clada.scored_mlp.default:
             x, w_in, b_in, w_up, b_up, w_down, b_down = args[:7]
-            h = _hidden(x, w_in, b_in, w_up, b_up, args[9]).reshape(-1, w_in.shape[0])
-            rows = self.store.setdefault(self.layer, [])
-            take = torch.randperm(h.shape[0], generator=self.gen)[: self.max_rows]
-            rows.append(h[take].float())
+            self._sample(("mlp_in", self.layer), x)
+            self._sample(self.layer, _hidden(x, w_in, b_in, w_up, b_up, args[9]))
             self.layer += 1
         return super().call_function(target, args, kwargs)
 
 
+def _watched(gm) -> dict:
+    """First linear of each attention input group of the prefill graph -> (group, layer)."""
+    from .passes.projections import attention_projections
+
+    return {linears[0]: (group, layer) for layer, groups in attention_projections(gm.graph).items()
+            for group, linears in groups.items()}
+
+
 def collect_activations(cm, token_ids: torch.Tensor, window: int, rows_per_window: int = 128, seed: int = 0):
-    """Run the prefill graph over consecutive windows of token_ids -> {layer: (N, d_ff) h rows}."""
+    """Run the prefill graph over consecutive windows of token_ids -> {layer: (N, d_ff) h rows,
+    (group, layer): (N, d_in) rows of that projection input}."""
     store: dict = {}
     gen = torch.Generator().manual_seed(seed)
     n = token_ids.numel() // window
     if n == 0:
         raise ValueError(f"the calibration text has {token_ids.numel()} tokens, fewer than one window of {window}")
     gm = cm.graphs.prefill.gm
+    watch = _watched(gm)
     for i in tqdm(range(n), desc="calibrate", leave=False):
         ids = token_ids[i * window:(i + 1) * window].view(1, -1)
         mask = torch.ones_like(ids)
         pos = torch.arange(window).view(1, -1)
         with torch.no_grad():
-            col = _Collector(gm, store, rows_per_window, gen)
+            col = _Collector(gm, store, rows_per_window, gen, watch)
             col.run(ids, mask, pos, torch.zeros(cm.n_layers), mask)
     return {k: torch.cat(v) for k, v in store.items()}
+
+
+def input_curve(x: torch.Tensor, extra: tuple = ()):
+    """For each fraction in FRACTIONS (and `extra`): (fraction, tau) keeping that fraction of |x|."""
+    mags = x.abs().flatten().sort().values
+    out = []
+    for f in sorted(set(FRACTIONS) | set(extra), reverse=True):
+        out.append((f, 0.0 if f >= 1.0 else float(mags[min(int((1.0 - f) * mags.numel()), mags.numel() - 1)])))
+    return out
+
+
+def check_input_targets(input_targets) -> dict:
+    """{group: kept fraction} for the input groups; a clear error for anything else."""
+    from .config import INPUT_GROUPS
+
+    if not isinstance(input_targets, dict):
+        raise ValueError(f"`input_targets` must be a dict {{group: fraction}}, got {input_targets!r}")
+    for g, f in input_targets.items():
+        if g not in INPUT_GROUPS:
+            raise ValueError(f"unknown input group {g!r}; choose from {', '.join(INPUT_GROUPS)}")
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ValueError(f"the target of {g!r} must be in (0, 1], got {f!r}")
+    return dict(input_targets)
 
 
 def layer_curve(h: torch.Tensor, w_down: torch.Tensor, extra: tuple = ()):
@@ -106,7 +159,11 @@ def allocate(curves, target_active: float, error_budget: float):
 
 
 def calibrate(cm, token_ids: torch.Tensor, target_active: float = 0.5, error_budget: float = 0.25,
-              window: int = 256, text_name: str = "", model_name: str = "", allocation: str = "uniform") -> dict:
+              window: int = 256, text_name: str = "", model_name: str = "", allocation: str = "uniform",
+              input_targets: dict | None = None) -> dict:
+    """input_targets: {input group: kept fraction}, e.g. {"mlp_in": 0.8, "attn_in": 0.7}; those
+    groups get thresholds too (uniform over layers)."""
+    input_targets = check_input_targets(input_targets or {})
     if not 0 < target_active <= 1:
         raise ValueError(f"`target_active` must be in (0, 1], got {target_active}")
     if not error_budget > 0:
@@ -127,11 +184,46 @@ def calibrate(cm, token_ids: torch.Tensor, target_active: float = 0.5, error_bud
         layers.append(dict(layer=layer, tau=tau, active_fraction=f, rel_error=err,
                            curve=[dict(active_fraction=a, tau=t, rel_error=e) for a, t, e in c]))
     achieved = sum(layer["active_fraction"] for layer in layers) / len(layers)
+    inputs = {}
+    for group, target in input_targets.items():
+        missing = [layer for layer in range(cm.n_layers) if (group, layer) not in acts]
+        if missing:
+            raise ValueError(f"{cm.graphs.arch}: no {group!r} projection input found in layers {missing}; "
+                             f"this architecture's attention does not match passes/projections.py")
+        glayers = []
+        for layer in range(cm.n_layers):
+            curve = input_curve(acts[(group, layer)], (round(target, 6),))
+            f, tau = next(p for p in curve if p[0] == round(target, 6))
+            glayers.append(dict(layer=layer, tau=tau, active_fraction=f,
+                                curve=[dict(active_fraction=a, tau=t) for a, t in curve]))
+        inputs[group] = dict(target_active=target, achieved_active=target, layers=glayers)
     return dict(format=PROFILE_FORMAT, clada_compile=__version__, model=model_name, architecture=cm.graphs.arch,
                 n_layers=cm.n_layers, d_ff=cm.d_ff, allocation=allocation, target_active=target_active,
                 achieved_active=achieved,
                 error_budget=error_budget, text=text_name, tokens=int(token_ids.numel() // window * window),
-                window=window, layers=layers)
+                window=window, layers=layers, inputs=inputs)
+
+
+def save_profile(prof: dict, path) -> None:
+    """Write atomically: a temporary sibling renamed over `path` (no half-written profile)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"the profile path {path} is a directory; give a file name like {path / 'profile.json'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(prof, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a profile is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load_profile(path) -> dict:
@@ -142,22 +234,34 @@ def load_profile(path) -> dict:
         prof = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"calibration profile {path} is not valid JSON: {e}") from None
-    if prof.get("format") != PROFILE_FORMAT:
-        raise ValueError(f"{path} is not a clada calibration profile (format {prof.get('format')!r}, "
-                         f"expected {PROFILE_FORMAT!r})")
+    if not isinstance(prof, dict) or prof.get("format") not in READABLE_FORMATS:
+        found = prof.get("format") if isinstance(prof, dict) else type(prof).__name__
+        raise ValueError(f"{path} is not a clada calibration profile (format {found!r}, "
+                         f"expected one of {READABLE_FORMATS})")
+    prof.setdefault("inputs", {})  # format 1: thresholds of h only
     return prof
 
 
-def profile_taus(prof: dict, n_layers: int, target_active: float | None = None) -> torch.Tensor:
-    """Per-layer thresholds: the profile's choice, or, for another target, the profile's curves
-    scaled so the mean kept fraction matches `target_active` (linear interpolation on the grid)."""
+def profile_groups(prof: dict) -> tuple:
+    """The threshold groups a profile was calibrated for (config.GROUPS order)."""
+    from .config import GROUPS
+
+    return tuple(g for g in GROUPS if g == "mlp_down" or g in prof.get("inputs", {}))
+
+
+def profile_taus(prof: dict, n_layers: int, target_active: float | None = None, group: str = "mlp_down") -> torch.Tensor:
+    """Per-layer thresholds of `group`: the profile's choice, or, for another target, the profile's
+    curves scaled so the mean kept fraction matches `target_active` (linear interpolation on the grid)."""
     if prof["n_layers"] != n_layers:
         raise ValueError(f"the profile is for {prof['n_layers']} layers, the model has {n_layers}")
-    if target_active is None or abs(target_active - prof["achieved_active"]) < 1e-9:
-        return torch.tensor([layer["tau"] for layer in prof["layers"]], dtype=torch.float32)
-    shift = target_active / prof["achieved_active"]
+    if group != "mlp_down" and group not in prof.get("inputs", {}):
+        raise ValueError(f"the profile has no thresholds for {group!r} (it has {profile_groups(prof)})")
+    part = prof if group == "mlp_down" else prof["inputs"][group]
+    if target_active is None or abs(target_active - part["achieved_active"]) < 1e-9:
+        return torch.tensor([layer["tau"] for layer in part["layers"]], dtype=torch.float32)
+    shift = target_active / part["achieved_active"]
     taus = []
-    for layer in prof["layers"]:
+    for layer in part["layers"]:
         want = min(1.0, layer["active_fraction"] * shift)
         pts = sorted((p["active_fraction"], p["tau"]) for p in layer["curve"])
         taus.append(max(0.0, _interp(want, pts)))  # interpolation rounding must not go negative
@@ -183,8 +287,27 @@ def shipped_profile(name: str) -> str | None:
 
 
 def apply_profile(cm, path) -> dict:
+    """Base thresholds from a profile for the groups cm.config.sparsify selects (h re-targeted to
+    config.target_active; input groups at their calibrated targets)."""
+    from .config import INPUT_GROUPS
+
     prof = load_profile(path)
-    target = cm.config.target_active
-    cm.set_thresholds(profile_taus(prof, cm.n_layers, target))
+    groups = cm.config.groups(profile_groups(prof))
+    n = cm.n_layers
+    if "mlp_down" in groups:
+        cm.set_thresholds(profile_taus(prof, n, cm.config.target_active))
+    else:
+        cm.set_thresholds(torch.zeros(n))
+    inputs = torch.zeros(len(INPUT_GROUPS), n)
+    targets = dict(cm.config.input_active or ())
+    for i, g in enumerate(INPUT_GROUPS):
+        if g in groups:
+            inputs[i] = profile_taus(prof, n, targets.get(g), group=g)
+    if inputs[1:].any():  # attention thresholds need every layer's attention in the graph
+        missing = sorted(set(range(n)) - set(getattr(cm, "attention_layers", range(n))))
+        if missing:
+            raise ValueError(f"`sparsify` thresholds attention inputs, but layers {missing} of this "
+                             f"{prof.get('architecture')} model have no matched attention projections")
+    cm.set_input_thresholds(inputs)
     cm.profile = prof
     return prof

@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from .config import CladaConfig
 from .graphs import CladaGraphs, build_graphs
+from .ops import INPUT_GROUPS
 from .passes import inline_sparse_mlp, materialize, run_passes
 
 
@@ -36,6 +37,18 @@ def check_taus(taus, n_layers: int) -> torch.Tensor:
         raise ValueError(f"`taus` must have one value per layer ({n_layers}), got {taus.numel()}")
     if not torch.isfinite(taus).all() or (taus < 0).any():
         raise ValueError(f"`taus` must be finite and >= 0, got {taus.tolist()}")
+    return taus
+
+
+def check_input_taus(taus, n_layers: int) -> torch.Tensor:
+    """Validated (len(INPUT_GROUPS), n_layers) float32 input thresholds (rows: INPUT_GROUPS)."""
+    taus = torch.as_tensor(taus, dtype=torch.float32)
+    want = (len(INPUT_GROUPS), n_layers)
+    if tuple(taus.shape) != want:
+        raise ValueError(f"input thresholds must have shape {want} (rows {', '.join(INPUT_GROUPS)}; one column "
+                         f"per layer), got {tuple(taus.shape)}")
+    if not torch.isfinite(taus).all() or (taus < 0).any():
+        raise ValueError(f"input thresholds must be finite and >= 0, got {taus.tolist()}")
     return taus
 
 
@@ -72,6 +85,8 @@ class CladaModel(nn.Module):
         ratio = config.top_k_ratio if config.enabled else 1.0
         self.k = [min(d, max(config.min_active_neurons, round(ratio * d))) for d in self.d_ff]
         self.taus = torch.zeros(self.n_layers, dtype=torch.float32)
+        # thresholds of the projection inputs, one row per ops.INPUT_GROUPS entry (0 = dense)
+        self.input_taus = torch.zeros(len(INPUT_GROUPS), self.n_layers, dtype=torch.float32)
         # every decode projection on the GEMV kernel (passes/gemv.py), unless the caller pinned an
         # impl (the ONNX exporter, reference tests) or asked for the reference kernel
         self.gemv = impl is None and config.kernel in ("auto", "cpp")
@@ -80,9 +95,13 @@ class CladaModel(nn.Module):
         if self.gemv:
             decode = self._gemv_decode(decode)
         self.decode_graph = decode
-        # decode graph inputs after the KV cache: clada.tau, then clada.L.<key> in graph order
+        # layers whose attention inputs the graph thresholds (all of them for the supported
+        # architectures); none when impl is "dense"
+        self.attention_layers = list(decode.attention_layers)
+        # decode graph inputs after the KV cache: clada.tau, clada.tau_in, then clada.L.<key> in
+        # graph order
         names = decode.input_names
-        first = names.index("clada.tau")
+        first = names.index("clada.tau_in")
         self.compact = [{} for _ in range(self.n_layers)]
         self._decode_weights = []
         for name in names[first + 1:]:
@@ -102,7 +121,8 @@ class CladaModel(nn.Module):
         from .tracing import TracedGraph
 
         gm = fx.GraphModule(decode.gm, copy.deepcopy(decode.gm.graph))
-        traced = TracedGraph(gm, "decode", list(decode.input_names), list(decode.output_names), decode.sites)
+        traced = TracedGraph(gm, "decode", list(decode.input_names), list(decode.output_names), decode.sites,
+                             list(decode.attention_layers))
         _, self.gemv_rewrites["sparse_mlp_to_gemv"] = sparse_mlp_to_gemv(traced)
         _, self.gemv_rewrites["linears_to_gemv"] = linears_to_gemv(gm, self.graphs.gemv_weights)
         gm.graph.eliminate_dead_code()
@@ -129,6 +149,11 @@ class CladaModel(nn.Module):
     @torch.no_grad()
     def set_thresholds(self, taus) -> None:
         self.taus.copy_(check_taus(taus, self.n_layers))
+
+    @torch.no_grad()
+    def set_input_thresholds(self, taus) -> None:
+        """(len(ops.INPUT_GROUPS), n_layers) thresholds of the MLP and attention inputs."""
+        self.input_taus.copy_(check_input_taus(taus, self.n_layers))
 
     @torch.no_grad()
     def set_active(self, layer: int, indices: torch.Tensor) -> None:
@@ -177,13 +202,14 @@ class CladaModel(nn.Module):
         return out[0], list(out[1:1 + 2 * n]), list(out[1 + 2 * n:])
 
     @torch.no_grad()
-    def decode(self, input_ids, attention_mask, past, with_active=False, taus=None):
+    def decode(self, input_ids, attention_mask, past, with_active=False, taus=None, input_taus=None):
         """Compacted-weight step(s) on top of a KV cache -> (logits, presents[, kept per layer]).
 
         kept: (n_layers,) neurons with |h| >= tau, summed over the step's tokens.
         taus: None (the current thresholds) or one threshold per layer AND token, (n_layers, B, S):
         teacher-forced scoring feeds a whole continuation in one call with the thresholds the
-        controller chose for each of its tokens (evaluate.score_parallel)."""
+        controller chose for each of its tokens (evaluate.score_parallel). input_taus likewise:
+        None or (len(INPUT_GROUPS), n_layers, B, S)."""
         pos = position_ids_from_mask(attention_mask, input_ids.shape[1])
         if taus is None:
             taus = self.taus
@@ -192,12 +218,20 @@ class CladaModel(nn.Module):
             if tuple(taus.shape) != want:
                 raise ValueError(f"per-token `taus` must have shape {want} (layers, batch, seq), got {tuple(taus.shape)}")
             taus = taus.float().unsqueeze(-1)  # (L, B, S, 1): broadcasts over the neurons
+        if input_taus is None:
+            input_taus = self.input_taus
+        else:
+            want = (len(INPUT_GROUPS), self.n_layers, *input_ids.shape)
+            if tuple(input_taus.shape) != want:
+                raise ValueError(f"per-token `input_taus` must have shape {want} (groups, layers, batch, seq), "
+                                 f"got {tuple(input_taus.shape)}")
+            input_taus = input_taus.float().unsqueeze(-1)
         # the cache grows every step: compile its length as symbolic from the first call instead of
         # specializing on it and recompiling at step two (batch and step width stay static)
         for t in past:
             torch._dynamo.maybe_mark_dynamic(t, 2)
         torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
-        out = self._decode_fn(input_ids, attention_mask, pos, *past, taus, *self._decode_weights)
+        out = self._decode_fn(input_ids, attention_mask, pos, *past, taus, input_taus, *self._decode_weights)
         n = self.n_layers
         presents = list(out[1:1 + 2 * n])
         if with_active:

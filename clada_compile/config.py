@@ -15,6 +15,11 @@ KERNELS = ("auto", "cpp", "reference")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("static", "clada", "continuous")
 SIGNALS = ("both", "entropy", "surprisal")
+# Projection inputs that can carry a per-token threshold (drop channel i when |x_i| < tau; the
+# GEMV then never reads row i of W^T): "mlp_down" is the MLP's hidden h (the decode graph input
+# clada.tau), the others are the rows of clada.tau_in, in this order.
+INPUT_GROUPS = ("mlp_in", "attn_in", "attn_out")
+GROUPS = ("mlp_down",) + INPUT_GROUPS
 
 
 def _check_range(name: str, value, lo, hi, lo_open=False, hi_open=False):
@@ -65,6 +70,13 @@ class CladaConfig:
         masked dense matmul of lower_decode's graph (torch's linear for the other projections).
     precision: "fp32" or "bf16" (both run on the CPU kernels); "fp16" needs a CUDA model.
         optimize() casts the model's floating-point weights to it, in place.
+    sparsify: which projection inputs the profile's thresholds apply to, a tuple of GROUPS:
+        "mlp_down" (the MLP's hidden h, the paper's threshold), "mlp_in" (gate/up input),
+        "attn_in" (q/k/v input), "attn_out" (o input). None (default) = every group the profile
+        was calibrated for. A group the profile lacks is an error (recalibrate with it).
+    input_active: kept fraction per input group, e.g. {"mlp_in": 0.8, "attn_in": 0.7}: those
+        groups' thresholds are re-targeted along the profile's curves (as target_active does for
+        h); groups not named keep the profile's calibrated target. None = the profile's targets.
     """
 
     top_k_ratio: float = 1.0
@@ -83,6 +95,8 @@ class CladaConfig:
     backend: str = "inductor"
     kernel: str = "auto"
     precision: str = "fp32"
+    sparsify: tuple | None = None
+    input_active: tuple | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -101,13 +115,55 @@ class CladaConfig:
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("precision", self.precision, PRECISIONS)
+        if self.sparsify is not None:
+            if isinstance(self.sparsify, str) or not isinstance(self.sparsify, (tuple, list)):
+                raise ValueError(f"`sparsify` must be a tuple of group names from {GROUPS} (or None for the "
+                                 f"profile's groups), got {self.sparsify!r}")
+            for name in self.sparsify:
+                _check_choice("sparsify", name, GROUPS)
+            if len(set(self.sparsify)) != len(self.sparsify):
+                raise ValueError(f"`sparsify` names a group twice: {tuple(self.sparsify)!r}")
+            # canonical order, hashable: equal configs compare equal
+            object.__setattr__(self, "sparsify", tuple(g for g in GROUPS if g in self.sparsify))
+        if self.input_active is not None:
+            items = self.input_active.items() if isinstance(self.input_active, dict) else self.input_active
+            try:
+                pairs = dict(items)
+            except (TypeError, ValueError):
+                raise ValueError(f"`input_active` must be a dict {{group: kept fraction}}, got {self.input_active!r}") from None
+            for name, frac in pairs.items():
+                _check_choice("input_active", name, INPUT_GROUPS)
+                _check_range(f"input_active[{name!r}]", frac, 0, 1, lo_open=True)
+                if self.sparsify is not None and name not in self.sparsify:
+                    raise ValueError(f"`input_active` sets {name!r}, which `sparsify` {self.sparsify!r} leaves off; "
+                                     f"add it to `sparsify` or drop it from `input_active`")
+            object.__setattr__(self, "input_active", tuple((g, float(pairs[g])) for g in INPUT_GROUPS if g in pairs))
 
     def replace(self, **changes) -> "CladaConfig":
         return dataclasses.replace(self, **changes)
 
     @property
     def uses_threshold(self) -> bool:
-        return self.enabled and self.profile is not None and self.target_active < 1.0
+        """Whether decode thresholds anything: a profile, and h below the full backbone or an input
+        group (sparsify None may enable the profile's input groups)."""
+        if not (self.enabled and self.profile is not None):
+            return False
+        return (self.target_active < 1.0 or self.sparsify is None or bool(self.input_active)
+                or any(g in INPUT_GROUPS for g in self.sparsify))
+
+    def groups(self, available) -> tuple:
+        """The groups thresholded with a profile calibrated for `available` groups."""
+        wanted = self.sparsify if self.sparsify is not None else tuple(dict(self.input_active or ()))
+        missing = [g for g in wanted if g not in available]
+        if self.sparsify is None:
+            if missing:
+                raise ValueError(f"`input_active` sets {missing}, but the profile has thresholds only for "
+                                 f"{tuple(available)}; recalibrate with clada-calibrate --inputs including them")
+            return tuple(g for g in GROUPS if g in available)
+        if missing:
+            raise ValueError(f"`sparsify` names {missing}, but the profile has thresholds only for "
+                             f"{tuple(available)}; recalibrate with clada-calibrate --inputs including them")
+        return self.sparsify
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "CladaConfig":

@@ -10,7 +10,7 @@ Plain Python over tensors, no graph: it runs on the host between decode steps.
 - High load ("P600"): both signals above their thresholds. With `reselect`, the runtime re-scores
   the recent window densely and re-selects the backbone (at most once per window); counted in
   `events`.
-- tau_l(t) = base_l * g(load_t): schedule "static" -> g = 1; "clada" -> high_load_scale under
+- tau_l(t) = base_l * g(load_t) for every thresholded group (h and the projection inputs): schedule "static" -> g = 1; "clada" -> high_load_scale under
   high load (denser), low_load_scale when the signal(s) are below their thresholds, 1 otherwise;
   "continuous" -> a linear blend of the two scales at the signal's percentile rank in the window.
   `load_signal` picks which signal drives g: both (AND rule), entropy or surprisal.
@@ -48,6 +48,7 @@ class Decision:
     taus: torch.Tensor  # (n_layers,) thresholds for the next step
     load: str  # "high" | "low" | "mid" | "warmup"
     reselect: bool
+    scale: float = 1.0  # taus = base_taus * scale; the runtime scales the input thresholds alike
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Controller:
             self.s_threshold = _percentile(self.surprisal[-w:], cfg.surprisal_threshold)
             self.e_threshold = _percentile(self.entropy[-w:], cfg.entropy_threshold)
         if self.s_threshold is None:
-            return Decision(self.base_taus.clone(), "warmup", False)
+            return Decision(self.base_taus.clone(), "warmup", False, 1.0)
         above = {"surprisal": surprisal > self.s_threshold, "entropy": entropy > self.e_threshold}
         # the paper's AND rule defines high-load events (re-selection) whatever signal tau follows
         high = above["surprisal"] and above["entropy"]
@@ -92,7 +93,7 @@ class Controller:
         if reselect:
             self.events += 1
             self.last_event = n
-        return Decision(self.base_taus * scale, load, reselect)
+        return Decision(self.base_taus * scale, load, reselect, float(scale))
 
 
     def _rank_in(self, values, v):

@@ -87,36 +87,46 @@ def score_parallel(engine, wins, baseline: bool = False, desc: str = "", cache=N
         if cfg.enabled:
             engine.select(scores)
         base = engine.taus.clone() if cfg.enabled else torch.zeros(n_layers)
+        base_in = engine.input_taus.clone() if cfg.enabled else torch.zeros_like(engine.input_taus)
         n = c.numel()
         inp = c[:-1].view(1, -1)
         mask = torch.ones(1, p.numel() + n - 1, dtype=torch.long)
         taus = base[:, None].expand(n_layers, n - 1).clone()  # round 0: the static thresholds
+        scales = torch.ones(n - 1)  # the controller's scale per token (input thresholds follow it)
         dists, presents, start, kept, full = first[None], None, 0, torch.zeros(n_layers), True
         for rounds in range(1, (max_rounds or n + 1) + 1):
             if start < n - 1:
                 # positions before `start` kept their thresholds: their logits and KV entries stand
                 pre = past if start == 0 else [t[:, :, :p.numel() + start] for t in presents]
                 logits, presents, kept = engine.decode(inp[:, start:], mask, pre, with_active=True,
-                                                       taus=taus[:, None, start:])
+                                                       taus=taus[:, None, start:],
+                                                       input_taus=_scaled(base_in, scales[start:]))
                 full = start == 0
                 dists = torch.cat([dists[:start + 1], logits[0]], 0)
             sur, ent, _nonfinite = token_signals(dists, c)
             ctl = Controller(cfg, base)
-            decided = [ctl.observe(float(sur[j]), float(ent[j])).taus for j in range(n - 1)]
-            new = torch.stack(decided, 1) if decided else taus
-            changed = (new != taus).any(0).nonzero()
+            decided = [ctl.observe(float(sur[j]), float(ent[j])) for j in range(n - 1)]
+            new = torch.stack([d.taus for d in decided], 1) if decided else taus
+            new_scales = torch.tensor([d.scale for d in decided]) if decided else scales
+            changed = ((new != taus).any(0) | (new_scales != scales)).nonzero()
             if changed.numel() == 0:
                 break
-            start, taus, full = int(changed[0]), new, False
+            start, taus, scales, full = int(changed[0]), new, new_scales, False
         else:
             raise RuntimeError(f"window {i}: the controller replay did not converge in {max_rounds} rounds")
         if not full:  # neurons kept, summed over the whole continuation, at the converged thresholds
-            kept = engine.decode(inp, mask, past, with_active=True, taus=taus[:, None, :])[2]
+            kept = engine.decode(inp, mask, past, with_active=True, taus=taus[:, None, :],
+                                 input_taus=_scaled(base_in, scales))[2]
         nll = (-torch.log_softmax(dists.float(), -1).gather(-1, c.view(-1, 1)).squeeze(-1)).tolist()
         # as generation reports it: the first token comes from the dense prefill (fraction 1)
         stepped = float((backbone / ks * kept.double()).mean()) if n > 1 else 0.0
         out.append(dict(nll=nll, active=(1.0 + stepped) / n, events=0, rounds=rounds))
     return out
+
+
+def _scaled(base_in: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(groups, layers) base input thresholds x one scale per token -> (groups, layers, 1, tokens)."""
+    return base_in[:, :, None, None] * scales.view(1, 1, 1, -1)
 
 
 def greedy_agreement(engine, wins, tokens: int):

@@ -31,6 +31,7 @@ ACTIVATIONS = {
     "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
 }
 IMPLS = ("dense", "reference", "auto", "cpp")
+from .config import GROUPS, INPUT_GROUPS  # noqa: F401  (the threshold groups; see config.py)
 
 
 def _hidden(x, w_in, b_in, w_up, b_up, act: str):
@@ -125,16 +126,34 @@ def sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act: str, 
     return (out if b_down is None else out + b_down), kept
 
 
-def gemv_mlp(x, w_gu_t, b_gu, w_down_t, b_down, tau, zero, act: str, gated: bool, impl: str):
+def threshold_input(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """x with the channels |x_i| < tau zeroed: the input threshold of a projection (one tau, or one
+    per token). A plain function in the graph: passes.gemv folds it into the GEMV kernel, whose
+    threshold skips the dropped channels' weight rows; elsewhere it is this mask."""
+    return threshold_mask(x, tau)
+
+
+def gemv_in(x: torch.Tensor, wt: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """x @ wt over the channels |x_i| >= tau: the GEMV kernel for one threshold, the mask and a
+    matmul for per-token thresholds (teacher-forced scoring feeds many rows)."""
+    from clada_compile import kernels
+
+    if tau.numel() == 1:
+        return kernels.sparse_gemv_t(x, wt, tau.reshape(1).float())
+    return threshold_mask(x, tau) @ wt
+
+
+def gemv_mlp(x, w_gu_t, b_gu, w_down_t, b_down, tau, tau_in, act: str, gated: bool, impl: str):
     """The decode MLP on the GEMV kernel (passes.sparse_mlp_to_gemv), same outputs as sparse_mlp.
 
     w_gu_t (d_model, 2k) = [gate^T | up^T] (gated) or w_in^T (d_model, k): one stream over both
-    projections; zero: a float32 zero threshold (the dense GEMV). The kernel op serves single
-    rows and runs a plain matmul on more (teacher-forced scoring), where per-token thresholds
-    (tau of shape (B, S, 1)) take the masked path."""
+    projections; tau_in: the threshold of the MLP's input x (the mlp_in group; a float32 zero for
+    a dense gate/up). The kernel op serves single rows and runs a plain matmul on more
+    (teacher-forced scoring), where per-token thresholds (tau of shape (B, S, 1)) take the
+    masked path."""
     from clada_compile import kernels
 
-    g = kernels.sparse_gemv_t(x, w_gu_t, zero)
+    g = gemv_in(x, w_gu_t, tau_in)
     if b_gu is not None:
         g = g + b_gu
     if gated:
@@ -144,11 +163,9 @@ def gemv_mlp(x, w_gu_t, b_gu, w_down_t, b_down, tau, zero, act: str, gated: bool
         h = ACTIVATIONS[act](g)
     keep = h.abs() >= _per_row(tau, h).to(h.dtype)
     if impl == "dense":
-        out = kernels.sparse_gemv_t(h, w_down_t, zero)
-    elif tau.numel() == 1:
-        out = kernels.sparse_gemv_t(h, w_down_t, tau.reshape(1).float())
+        out = kernels.sparse_gemv_t(h, w_down_t, torch.zeros(1))
     else:
-        out = torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device)) @ w_down_t
+        out = gemv_in(h, w_down_t, tau)
     kept = keep.sum().to(torch.float32)
     return (out if b_down is None else out + b_down), kept
 

@@ -117,6 +117,7 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     entry = engine.taus.clone()
     base = entry.clone() if base_taus is None else torch.as_tensor(base_taus, dtype=torch.float32)
+    entry_in = engine.input_taus.clone()  # projection-input thresholds, scaled like `base`
     if not enabled:
         base = torch.zeros_like(base)
     ctl = Controller(cfg, base)
@@ -177,6 +178,7 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
             break
         if enabled:
             engine.set_thresholds(decision.taus)
+            engine.set_input_thresholds(entry_in * decision.scale)
             if decision.reselect:
                 # P600 reanalysis: a dense pass over everything so far scores the recent window in
                 # context; merged with the prompt's scores it re-selects the backbone, and its
@@ -191,6 +193,7 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
     bar.close()
     out.decode_s = time.perf_counter() - t_dec
     engine.set_thresholds(entry)  # the controller's last scaling must not become the next call's base
+    engine.set_input_thresholds(entry_in)
     out.prefill_s = prefill_s
     out.sequences = seqs
     out.new_tokens = seqs.shape[1] - input_ids.shape[1]

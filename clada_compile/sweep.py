@@ -11,6 +11,10 @@ Methods (the issue's baselines):
   paper       CLADA as the paper configures it: top_k_ratio r, AND rule at percentiles 0.7,
               window 10, re-selection on high-load events
   calibrated  full backbone, per-token thresholds from the calibration profile at target_active t
+              (the MLP's hidden h only)
+  inputs      calibrated, plus every input group of the profile (gate/up, q/k/v, o inputs) at
+              kept fraction f: one point per (t, f) in targets x input fractions (TEAL-style
+              sparsity on every decode projection; needs a profile made with --inputs)
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ from .evaluate import score
 from .metrics import bootstrap_ratio
 from .timing import time_engines
 
-METHODS = ("griffin", "paper", "calibrated")
+METHODS = ("griffin", "paper", "calibrated", "inputs")
 
 
-def sweep_points(methods, top_ks, targets, backend: str, kernel: str = "auto", profile=None):
+def sweep_points(methods, top_ks, targets, backend: str, kernel: str = "auto", profile=None, input_fractions=()):
     """[(method, knob, value, CladaConfig)] for the grid."""
     pts = []
     for m in methods:
@@ -33,12 +37,33 @@ def sweep_points(methods, top_ks, targets, backend: str, kernel: str = "auto", p
             raise ValueError(f"unknown sweep method {m!r}; choose from {', '.join(METHODS)}")
         if m in ("griffin", "paper"):
             pts += [(m, "top_k_ratio", r, CladaConfig.preset(m, top_k_ratio=r, backend=backend)) for r in top_ks]
-        else:
+        elif m == "calibrated":
             if profile is None:
                 raise ValueError("sweep method 'calibrated' needs a profile (--profile, or the shipped one for smollm2)")
             pts += [(m, "target_active", t, CladaConfig.preset("calibrated", profile=profile, target_active=t,
-                                                               backend=backend, kernel=kernel)) for t in targets]
+                                                               backend=backend, kernel=kernel,
+                                                               sparsify=("mlp_down",))) for t in targets]
+        else:
+            pts += _input_points(profile, targets, input_fractions, backend, kernel)
     return pts
+
+
+def _input_points(profile, targets, fractions, backend, kernel):
+    from .calibrate import load_profile, profile_groups
+
+    if profile is None:
+        raise ValueError("sweep method 'inputs' needs a profile calibrated with input groups "
+                         "(clada-calibrate --inputs mlp_in=0.8,attn_in=0.7,attn_out=0.7)")
+    groups = profile_groups(load_profile(profile))[1:]
+    if not groups:
+        raise ValueError(f"sweep method 'inputs': the profile {profile} has no input groups; "
+                         f"recalibrate with clada-calibrate --inputs ...")
+    if not fractions:
+        raise ValueError("sweep method 'inputs' needs input fractions (--sweep_inputs 0.9,0.8,0.7)")
+    return [("inputs", "target_active / input_active", f"{t} / {f}",
+             CladaConfig.preset("calibrated", profile=profile, target_active=t, backend=backend, kernel=kernel,
+                                input_active={g: f for g in groups}))
+            for t in targets for f in fractions]
 
 
 def run_sweep(cm, points, wins, prompt_ids, new_tokens: int, repeats: int):

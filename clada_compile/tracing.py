@@ -23,6 +23,8 @@ class TracedGraph:
     input_names: list[str]
     output_names: list[str]
     sites: list = field(default_factory=list)  # MlpSite per rewritten MLP, layer order
+    # decode: layers whose attention inputs carry thresholds (passes.projections)
+    attention_layers: list = field(default_factory=list)
 
 
 def num_layers(model) -> int:

@@ -10,6 +10,7 @@ import json
 import shutil
 
 import numpy as np
+import onnxruntime as ort  # a hard dependency of clada_compile (pyproject)
 import pytest
 import torch
 
@@ -19,8 +20,6 @@ from clada_compile.exporters.onnx import MANIFEST, TOLERANCE, export_onnx
 from clada_compile.exporters.ort import OrtCladaModel
 from conftest import graphs_for
 from tiny import VOCAB, build
-
-ort = pytest.importorskip("onnxruntime")
 
 CONFIG = CladaConfig(top_k_ratio=0.5, backend="eager")
 
@@ -70,6 +69,7 @@ def test_llama_export_validated_and_manifest(llama_dir):
     assert m["versions"]["clada_compile"] and m["low_memory"] is None
     assert [layer["tau"] for layer in m["profile"]["layers"]] == [0.05, 0.1]
     assert m["files"]["profile"] == "profile.json" and (llama_dir / "profile.json").is_file()
+    assert m["input_groups"] == ["mlp_in", "attn_in", "attn_out"] and m["attention_layers"] == [0, 1]
     # the same names as the rewritten graphs
     _, graphs = graphs_for("llama")
     assert m["prefill"] == {"inputs": graphs.prefill.input_names, "outputs": graphs.prefill.output_names}
@@ -107,6 +107,7 @@ def test_io_names_and_dynamic_axes(llama_dir):
     assert dec_in["clada.0.w_in"] == ["k0", 48] and dec_in["clada.1.w_down_t"] == ["k1", 48]
     assert dec_out["present.1.value"] == ["batch", 2, "past + seq", 12]
     assert dec_out["clada.active.0"] == []
+    assert dec_in["clada.tau_in"] == [3, 2]  # (input groups, layers)
 
 
 def test_plain_onnxruntime_session_is_the_dense_model(llama_dir):
@@ -128,7 +129,8 @@ def test_plain_onnxruntime_session_is_the_dense_model(llama_dir):
                          "clada.tau": np.zeros(n, np.float32), "clada.score_mask": ones})
     np.testing.assert_allclose(out[0], ref[:, :8], atol=1e-4, rtol=0)
     feed = {"input_ids": ids[:, 8:].numpy(), "attention_mask": np.ones((1, 9), np.int64),
-            "position_ids": np.array([[8]]), "clada.tau": np.zeros(n, np.float32)}
+            "position_ids": np.array([[8]]), "clada.tau": np.zeros(n, np.float32),
+            "clada.tau_in": np.zeros((3, n), np.float32)}
     for i in range(n):
         feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = out[1 + 2 * i], out[2 + 2 * i]
         feed[f"clada.{i}.w_in"] = w[f"{i}.w_in"]
@@ -264,6 +266,35 @@ def test_thresholds_and_kept_counts_match_torch(llama_dir):
     plain.select(scores)
     plain.set_thresholds([0.05, 0.1])
     torch.testing.assert_close(plain.decode(step, mask, past)[0], dense_logits, atol=1e-6, rtol=0)
+
+
+def test_input_thresholds_match_torch(llama_dir):
+    """The decode graph's clada.tau_in thresholds the MLP and attention inputs as the torch
+    reference engine does (same logits and kept counts), and changes the logits."""
+    engine = OrtCladaModel.from_dir(llama_dir)
+    model, graphs = graphs_for("llama")
+    torch_engine = CladaModel(model, graphs, engine.config.replace(kernel="reference", backend="eager"))
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(6))
+    zero = torch.zeros(2)
+    _, past, scores = engine.prefill(ids, taus=zero)
+    _, tpast, tscores = torch_engine.prefill(ids, taus=zero)
+    engine.select(scores)
+    torch_engine.select(tscores)
+    mask = torch.ones(1, 11, dtype=torch.long)
+    step = ids[:, -1:]
+    outs = []
+    for tau_in in (torch.zeros(3, 2), torch.tensor([[0.3, 0.4], [0.5, 0.5], [0.05, 0.1]])):
+        for e in (engine, torch_engine):
+            e.set_thresholds([0.05, 0.1])
+            e.set_input_thresholds(tau_in)
+        logits, _, kept = engine.decode(step, mask, past, with_active=True)
+        tlogits, _, tkept = torch_engine.decode(step, mask, tpast, with_active=True)
+        torch.testing.assert_close(logits, tlogits, atol=1e-4, rtol=0)
+        assert kept.tolist() == tkept.tolist()
+        outs.append(logits)
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="input thresholds must have shape"):
+        engine.set_input_thresholds(torch.zeros(2))
 
 
 def test_set_active_validates(llama_dir):

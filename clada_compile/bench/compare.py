@@ -28,6 +28,10 @@ Engines that cannot run (a missing package, no GGUF for an HF directory, an exce
 building or generating) are reported as skipped with the reason, never measured otherwise.
 
 GB/s = weight bytes streamed per decode token x tok/s / 1e9, where the weight bytes per token are
+    clada engines: measured, the bytes the GEMV kernel read per decode step (its counter
+        kernels.weight_bytes_read(): rows of kept input channels x width x element size, every
+        decode projection; the normalization vectors and biases are not in it); when the counter
+        is unavailable (kernel="reference"), the formula below;
     torch / ONNX engines: the bytes of every parameter of the HF model (in the engine's dtype) except
         the input embedding table (a decode step reads one row of it), plus the lm_head even when it
         is tied to the embedding (the logits read all of it; learned position embeddings, as GPT-2's,
@@ -250,12 +254,19 @@ class _Clock:
 
 
 def _ours(engine, ids, new_tokens, baseline):
+    from ..kernels import weight_bytes_read
+
     def run():
+        before = weight_bytes_read()
         o = engine.generate(ids, max_new_tokens=new_tokens, baseline=baseline)
+        after = weight_bytes_read()
         if o.new_tokens != new_tokens:
             raise RuntimeError(f"generated {o.new_tokens} tokens, expected {new_tokens}")
+        # bytes the GEMV kernel actually read per decode step (input thresholds skip rows); the
+        # prefill runs on GEMM, outside the kernel (a one-token prompt would count: not used here)
+        measured = (after - before) / (new_tokens - 1) if before is not None and new_tokens > 1 else None
         return dict(tok_s=o.decode_tokens_per_s, prefill_s=o.prefill_s, decode_s=o.decode_s,
-                    active_fraction=o.mean_active_fraction)
+                    active_fraction=o.mean_active_fraction, measured_bytes=measured)
     return run
 
 
@@ -492,6 +503,9 @@ def compare(model_path: str = "smollm2", engines=None, text=None, prompt_tokens:
         fracs = [m["active_fraction"] for m in runs if m["active_fraction"] is not None]
         af = sum(fracs) / len(fracs) if fracs else None
         wbytes = runner.weight_bytes(af)
+        kernel_bytes = [m["measured_bytes"] for m in runs if m.get("measured_bytes")]
+        if kernel_bytes:  # clada engines: what the GEMV kernel read, not a formula
+            wbytes = statistics.median(kernel_bytes)
         results[name] = dict(tok_s=tok_s, rounds=[m["tok_s"] for m in runs], precision=runner.precision,
                              active_fraction=af, gb_per_s=wbytes * tok_s / 1e9, weight_bytes_per_token=int(wbytes),
                              prefill_s=statistics.median(m["prefill_s"] for m in runs), **runner.info)

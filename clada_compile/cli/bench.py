@@ -113,7 +113,9 @@ def main_impl(argv=None):
     g.add_argument("--sweep", action="store_true")
     g.add_argument("--sweep_methods", default="griffin,paper,calibrated")
     g.add_argument("--sweep_top_k", default="0.9,0.75,0.6,0.5", help="top_k_ratio values (griffin, paper)")
-    g.add_argument("--sweep_targets", default="0.8,0.65,0.5,0.35", help="target_active values (calibrated)")
+    g.add_argument("--sweep_targets", default="0.8,0.65,0.5,0.35", help="target_active values (calibrated, inputs)")
+    g.add_argument("--sweep_inputs", default="0.9,0.8,0.7",
+                   help="kept fractions of every input group (method inputs; needs a profile made with --inputs)")
     g.add_argument("--windows", type=int, default=8)
     g.add_argument("--prompt_tokens", type=int, default=384)
     g.add_argument("--continuation_tokens", type=int, default=128)
@@ -211,7 +213,8 @@ def _sweep(args, config, engine, tok, ids):
     from clada_compile.sweep import frontier_table, plot_sweep, run_sweep, sweep_points
 
     points = sweep_points(args.sweep_methods.split(","), _floats(args.sweep_top_k, "--sweep_top_k"),
-                          _floats(args.sweep_targets, "--sweep_targets"), args.backend, config.kernel, config.profile)
+                          _floats(args.sweep_targets, "--sweep_targets"), args.backend, config.kernel, config.profile,
+                          _floats(args.sweep_inputs, "--sweep_inputs"))
     span = args.prompt_tokens + args.continuation_tokens
     text_ids = load_text_tokens(args.text, tok, max(args.windows * span * 4, 200_000))
     start = args.start_token if text_ids.numel() - args.start_token >= span else 0

@@ -1,16 +1,18 @@
 """clada-calibrate: per-layer thresholds (uniform or error-allocated) from a text -> profile JSON.
 
     clada-calibrate --text data/wikitext-2/valid.txt --target_active 0.5 --output smollm2.profile.json
+    # also threshold the projection inputs (gate/up input, q/k/v input, o input):
+    clada-calibrate --text data/wikitext-2/valid.txt --target_active 0.5 \
+        --inputs mlp_in=0.8,attn_in=0.7,attn_out=0.7 --output smollm2.profile.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from clada_compile.cli.common import run_cli
+from clada_compile.cli.common import parse_fractions, run_cli
 
 
 def main_impl(argv=None):
@@ -25,26 +27,36 @@ def main_impl(argv=None):
                    help="uniform: every layer keeps target_active; greedy: spread by per-layer output error")
     p.add_argument("--error_budget", type=float, default=0.25,
                    help="greedy only: max relative MLP output error per layer")
+    p.add_argument("--inputs", default="",
+                   help="input groups and their kept fractions, e.g. mlp_in=0.8,attn_in=0.7,attn_out=0.7")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
+    inputs = parse_inputs(args.inputs)
 
     from clada_compile import CladaConfig, load_model, optimize
-    from clada_compile.calibrate import calibrate
+    from clada_compile.calibrate import calibrate, save_profile
     from clada_compile.data import load_text_tokens
 
     model, tok = load_model(args.model_path)
     ids = load_text_tokens(args.text, tok, args.tokens)
     cm = optimize(model, CladaConfig(top_k_ratio=1.0, backend="eager"), tokenizer=tok)
     prof = calibrate(cm, ids, args.target_active, args.error_budget, args.window, text_name=str(args.text),
-                     model_name=args.model_path, allocation=args.allocation)
+                     model_name=args.model_path, allocation=args.allocation, input_targets=inputs)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(prof, indent=1))
+    save_profile(prof, out)
     print(f"{prof['tokens']} tokens; mean kept fraction {prof['achieved_active']:.3f} "
           f"(target {args.target_active}); per-layer relative MLP error "
           f"{min(layer['rel_error'] for layer in prof['layers']):.3f}..{max(layer['rel_error'] for layer in prof['layers']):.3f}")
+    for group, part in prof["inputs"].items():
+        print(f"{group}: keeps {part['target_active']:.2f} of its input channels in every layer")
     print(f"wrote {out}")
     return 0
+
+
+def parse_inputs(text: str) -> dict:
+    from clada_compile.calibrate import check_input_targets
+
+    return check_input_targets(parse_fractions(text, "--inputs"))
 
 
 def main(argv=None):

@@ -30,6 +30,12 @@ def add_clada_flags(p: argparse.ArgumentParser):
     p.add_argument("--schedule", default=None, choices=["static", "clada"])
     p.add_argument("--reselect", default=None, action=argparse.BooleanOptionalAction)
     p.add_argument("--kernel", default=None, choices=["auto", "cpp", "reference"])
+    p.add_argument("--sparsify", default=None,
+                   help="comma-separated threshold groups of the profile to use (mlp_down,mlp_in,attn_in,attn_out); "
+                        "default: every group the profile has")
+    p.add_argument("--input_active", default=None,
+                   help="kept fraction per input group, re-targeted along the profile's curves, e.g. "
+                        "mlp_in=0.8,attn_in=0.7 (default: the profile's calibrated targets)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -39,6 +45,10 @@ def config_from_args(args, **extra):
     fields = ("top_k_ratio", "min_active_neurons", "surprisal_threshold", "entropy_threshold", "update_window",
               "target_active", "profile", "schedule", "reselect", "kernel", "seed")
     kw = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+    if getattr(args, "sparsify", None) is not None:
+        kw["sparsify"] = tuple(x.strip() for x in args.sparsify.split(",") if x.strip())
+    if getattr(args, "input_active", None) is not None:
+        kw["input_active"] = parse_fractions(args.input_active, "--input_active")
     if kw.get("profile") == "none":
         kw["profile"] = None
     elif "profile" not in kw and getattr(args, "model_path", None):
@@ -53,6 +63,20 @@ def config_from_args(args, **extra):
     kw["precision"] = "bf16" if args.low_memory_mode and args.precision == "fp32" else args.precision
     kw.update(extra)
     return CladaConfig(**kw)
+
+
+def parse_fractions(text: str, flag: str) -> dict:
+    """"mlp_in=0.8,attn_in=0.7" -> {"mlp_in": 0.8, "attn_in": 0.7}; names are checked by the caller."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"{flag}: expected GROUP=FRACTION items like mlp_in=0.8, got {item!r}") from None
+    return out
 
 
 def build_engine(args, config):

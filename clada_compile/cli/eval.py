@@ -33,7 +33,8 @@ def method_configs(args, base):
             if not args.profile:
                 raise ValueError("method 'calibrated' needs --profile (make one with clada-calibrate)")
             out[m] = CladaConfig.preset("calibrated", profile=args.profile, backend=base.backend,
-                                        target_active=base.target_active, kernel=base.kernel)
+                                        target_active=base.target_active, kernel=base.kernel,
+                                        sparsify=base.sparsify, input_active=base.input_active)
         elif m == "clada":
             out[m] = base
     return out

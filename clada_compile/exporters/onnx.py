@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from ..compiled import CladaModel, position_ids_from_mask
-from ..config import CladaConfig
+from ..config import INPUT_GROUPS, CladaConfig
 from ..graphs import build_graphs
 from ..models import DTYPES, architecture_of
 
@@ -324,7 +324,8 @@ def _feeds(engine: CladaModel, vocab: int, seed: int):
     pre_ref = dict(zip(engine.graphs.prefill.output_names, pre_out))
     engine.select([pre_ref[f"clada.scores.{i}"] for i in range(n)])
     dec = {"input_ids": ids[:, seq:], "attention_mask": mask,
-           "position_ids": position_ids_from_mask(mask, new), "clada.tau": torch.zeros(n)}
+           "position_ids": position_ids_from_mask(mask, new), "clada.tau": torch.zeros(n),
+           "clada.tau_in": torch.zeros(len(INPUT_GROUPS), n)}
     for i in range(n):
         for kind in ("key", "value"):
             dec[f"past_key_values.{i}.{kind}"] = pre_ref[f"present.{i}.{kind}"]
@@ -622,6 +623,10 @@ def export_onnx(model_or_spec, output_dir, config: CladaConfig | None = None, op
             "decode": {"inputs": list(graphs.decode.input_names), "outputs": list(graphs.decode.output_names)},
             "sites": [dict(layer=s.layer, kind=s.kind, act=s.act, path=s.path, has_b_in=s.has_b_in,
                            has_b_up=s.has_b_up) for s in graphs.prefill.sites],
+            # decode input clada.tau_in: (len(input_groups), n_layers) thresholds of these projection
+            # inputs; the attention rows act on attention_layers only
+            "input_groups": list(INPUT_GROUPS),
+            "attention_layers": list(graphs.decode.attention_layers),
             "dynamic_axes": {"batch": "batch", "seq": "new tokens", "past": "cached tokens",
                              "total": "past + seq (decode attention_mask)", "k<L>": "active neurons of layer L"},
             "validation": validation,

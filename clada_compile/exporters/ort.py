@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..compiled import check_indices, check_taus, position_ids_from_mask
+from ..compiled import check_indices, check_input_taus, check_taus, position_ids_from_mask
+from ..config import INPUT_GROUPS
 from ..config import CladaConfig
 from .onnx import FILES, read_manifest
 
@@ -118,6 +119,8 @@ class OrtCladaModel:
         ratio = config.top_k_ratio if config.enabled else 1.0
         self.k = [min(d, max(config.min_active_neurons, round(ratio * d))) for d in self.d_ff]
         self.taus = torch.zeros(self.n_layers, dtype=torch.float32)
+        self.input_taus = torch.zeros(len(INPUT_GROUPS), self.n_layers, dtype=torch.float32)
+        self._zero_input_taus = torch.zeros_like(self.input_taus)
         self.prefill_inputs = list(m["prefill"]["inputs"])
         self.prefill_outputs = list(m["prefill"]["outputs"])
         self.decode_inputs = list(m["decode"]["inputs"])
@@ -252,6 +255,16 @@ class OrtCladaModel:
         self.taus.copy_(check_taus(taus, self.n_layers))  # in place: the bound buffer keeps its address
 
     @torch.no_grad()
+    def set_input_thresholds(self, taus) -> None:
+        """(len(INPUT_GROUPS), n_layers) thresholds of the MLP and attention inputs."""
+        self.input_taus.copy_(check_input_taus(taus, self.n_layers))
+
+    @property
+    def attention_layers(self) -> list:
+        """Layers whose attention inputs the exported decode graph thresholds."""
+        return list(self.manifest.get("attention_layers", []))
+
+    @torch.no_grad()
     def set_active(self, layer: int, indices) -> None:
         """Make `indices` (k neuron ids of layer `layer`) the active set: compact weights in place."""
         idx = check_indices(indices, layer, self.k[layer], self.d_ff[layer])
@@ -352,6 +365,8 @@ class OrtCladaModel:
             feeds[f"past_key_values.{i}.key"] = past[2 * i]
             feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
         feeds["clada.tau"] = self.taus if self.impl == "masked" else self._zero_taus
+        if "clada.tau_in" in self.decode_inputs:  # exports before format 2 have no input thresholds
+            feeds["clada.tau_in"] = self.input_taus if self.impl == "masked" else self._zero_input_taus
         presents = {x for x in self.decode_outputs if x.startswith("present.")}
         out = self._run(self._shared.decode, self._decode_io, feeds, self.decode_outputs, presents)
         logits, new = out[0], list(out[1:1 + 2 * n])

@@ -244,3 +244,13 @@ def sparse_gemv_t(x: torch.Tensor, wt: torch.Tensor, tau: torch.Tensor) -> torch
     Dispatch as in the module docstring. Inference only (no autograd formula).
     """
     return _sparse_gemv_t_op(x, wt, tau)
+
+
+def weight_bytes_read() -> int | None:
+    """Weight bytes the CPU GEMV kernel has read since the process started (the rows of kept input
+    channels only); None when the extension is not loaded. Differences around a decode step give
+    the bytes it streamed."""
+    try:
+        return int(torch.ops.clada_cpu.weight_bytes_read())
+    except (AttributeError, RuntimeError):
+        return None

@@ -309,6 +309,10 @@ void gemv_split_rows(const T* wt, int64_t ld, const int32_t* idx, const float* v
   store_output(out, partial.data(), N);
 }
 
+// Weight bytes the single-row kernel read (active rows x N x element size), summed over calls:
+// what a decode step actually streams once input thresholds drop rows (clada-bench reports it).
+std::atomic<int64_t> g_weight_bytes{0};
+
 // y (N,) for x (K,) contiguous and wt (K, N) row-major (see is_row_major).
 template <typename T>
 void sparse_gemv_t_typed(const at::Tensor& x, const at::Tensor& wt, float tau, at::Tensor& y) {
@@ -330,6 +334,7 @@ void sparse_gemv_t_typed(const at::Tensor& x, const at::Tensor& wt, float tau, a
     val[nact] = xi;
     nact += (std::fabs(xi) >= tau) ? 1 : 0;
   }
+  g_weight_bytes.fetch_add(nact * N * static_cast<int64_t>(sizeof(T)), std::memory_order_relaxed);
   if (nact == 0) {
     y.zero_();
     return;
@@ -442,12 +447,14 @@ at::Tensor sparse_gemv_t_op_cpu(const at::Tensor& x, const at::Tensor& wt, const
 }
 
 int64_t kernel_calls() { return g_kernel_calls.load(std::memory_order_relaxed); }
+int64_t weight_bytes_read() { return g_weight_bytes.load(std::memory_order_relaxed); }
 
 }  // namespace
 
 TORCH_LIBRARY(clada_cpu, m) {
   m.def("sparse_gemv_t_cpu(Tensor x, Tensor wt, Tensor tau) -> Tensor", &sparse_gemv_t_cpu);
   m.def("kernel_calls() -> int", &kernel_calls);
+  m.def("weight_bytes_read() -> int", &weight_bytes_read);
 }
 
 TORCH_LIBRARY_IMPL(clada, CPU, m) {

@@ -12,18 +12,22 @@ linears_to_gemv
                 (q/k/v share one, Phi-3's gate_up and lm_head stand alone)
   Replacement:  y = clada.sparse_gemv_t(x, Wg^T, 0) with Wg^T = [W1^T | W2^T | ...] (one new
                 constant per group: one stream over the fused weights), + bias, then one
-                slice of y per original linear
+                slice of y per original linear. An input x = ops.threshold_input(x0, tau)
+                (projections.py) folds into the kernel: ops.gemv_in(x0, Wg^T, tau), whose
+                dropped channels' rows are never read
   Guards:       W materializes from constants only (not a graph input), 2-D, x's dtype is
                 float32/bfloat16 and equals W's (the kernel's dtypes); otherwise left alone
 
 sparse_mlp_to_gemv
   Pattern:      clada.sparse_mlp(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl) whose
                 weights are the graph inputs clada.L.w_in / w_up / b_in / b_up (each used once)
-  Replacement:  ops.gemv_mlp(x, w_gu_t, b_gu, w_down_t, b_down, tau, zero, act, gated, impl) on
+  Replacement:  ops.gemv_mlp(x, w_gu_t, b_gu, w_down_t, b_down, tau, tau_in, act, gated, impl) on
                 new inputs clada.L.w_gu_t (d_model, 2k) = [gate^T | up^T] and clada.L.b_gu (2k),
                 or, for plain MLPs, clada.L.w_in_t (d_model, k) and clada.L.b_in: gate and up
                 are one GEMV over one contiguous buffer. The placeholders are renamed in place
-                (same positions), so the TracedGraph's input names stay aligned.
+                (same positions), so the TracedGraph's input names stay aligned. x =
+                ops.threshold_input(x0, tau_in) (the mlp_in threshold) folds into gemv_mlp's
+                tau_in; otherwise tau_in is the float32 zero (dense gate/up).
 
 Both return (gm, count): linears rewritten, MLPs rewritten. Numerics: the same sums in another
 order (fp32 accumulation); tests compare with HF within the fp32 tolerance.
@@ -35,7 +39,7 @@ import torch
 from torch import fx
 
 from .. import kernels  # noqa: F401  (registers torch.ops.clada.sparse_gemv_t)
-from ..ops import gemv_mlp
+from ..ops import gemv_in, gemv_mlp, threshold_input
 from ._match import is_op
 
 aten = torch.ops.aten
@@ -67,6 +71,13 @@ def _constant(gm, node):
     if not isinstance(node, fx.Node) or not constant_only(node):
         return None
     return materialize(gm, node)
+
+
+def _unmask(x):
+    """(x0, tau) for x = threshold_input(x0, tau), else (x, None)."""
+    if isinstance(x, fx.Node) and x.op == "call_function" and x.target is threshold_input:
+        return x.args[0], x.args[1]
+    return x, None
 
 
 def linears_to_gemv(gm: fx.GraphModule, cache: dict | None = None) -> tuple[fx.GraphModule, int]:
@@ -102,11 +113,16 @@ def linears_to_gemv(gm: fx.GraphModule, cache: dict | None = None) -> tuple[fx.G
             with torch.no_grad():
                 bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for _, w, b in members])
             gm.register_buffer(f"clada_gemv_b_{i}", bias)
-        zero = _zero(gm)
+        x0, tau = _unmask(x)
         first = members[0][0]
+        if tau is None:
+            tau = _zero(gm)
         with g.inserting_before(first):
             w_node = g.get_attr(name)
-            y = g.call_function(torch.ops.clada.sparse_gemv_t.default, (x, w_node, zero))
+            if tau.op == "get_attr":  # dense: the op itself, no Python function in the graph
+                y = g.call_function(torch.ops.clada.sparse_gemv_t.default, (x0, w_node, tau))
+            else:
+                y = g.call_function(gemv_in, (x0, w_node, tau))
             if bias is not None:
                 y = g.call_function(aten.add.Tensor, (y, g.get_attr(f"clada_gemv_b_{i}")))
             start = 0
@@ -142,7 +158,6 @@ def sparse_mlp_to_gemv(traced) -> tuple[fx.GraphModule, int]:
     """traced: the TracedGraph of a lowered decode graph; its input names follow the renames."""
     gm = traced.gm
     g = gm.graph
-    zero = None
     count = 0
     for node in list(g.nodes):
         if not (node.op == "call_function" and node.target is torch.ops.clada.sparse_mlp.default):
@@ -170,10 +185,11 @@ def sparse_mlp_to_gemv(traced) -> tuple[fx.GraphModule, int]:
         b_new = None
         if b_in is not None or b_up is not None:
             b_new = rename(b_in if b_in is not None else b_up, f"clada.{layer}.{'b_gu' if gated else 'b_in'}")
-        if zero is None:
-            zero = _zero(gm)
+        x0, tau_in = _unmask(x)
+        if tau_in is None:
+            tau_in = _zero(gm)
         with g.inserting_before(node):
-            new = g.call_function(gemv_mlp, (x, w_new, b_new, w_down_t, b_down, tau, zero, act, gated, impl))
+            new = g.call_function(gemv_mlp, (x0, w_new, b_new, w_down_t, b_down, tau, tau_in, act, gated, impl))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         g.erase_node(node)

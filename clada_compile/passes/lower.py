@@ -5,8 +5,13 @@ lower_prefill: each site -> clada::scored_mlp on the full weights; adds the inpu
                and one output `clada.scores.L` (B, d_ff) per layer.
 lower_decode:  each site -> clada::sparse_mlp on compacted weights that become graph inputs
                (`clada.L.w_in`, `clada.L.b_in`, `clada.L.w_up`, `clada.L.b_up`, `clada.L.w_down_t`);
-               adds `clada.tau` and one output `clada.active.L` per layer (neurons kept this step,
-               summed over its tokens). The original MLP weights drop out of the decode graph.
+               adds `clada.tau` (the threshold of h), `clada.tau_in` (ops.INPUT_GROUPS x layers:
+               thresholds of the MLP's input and of the attention projections' inputs) and one
+               output `clada.active.L` per layer (neurons kept this step, summed over its tokens).
+               The original MLP weights drop out of the decode graph. With impl "dense" nothing
+               is thresholded (both threshold inputs stay, unused); otherwise the MLP input goes
+               through ops.threshold_input and projections.threshold_attention_inputs masks the
+               attention inputs (`traced.attention_layers`: the layers it matched).
 Both return (gm, count) and append to the TracedGraph's name lists in the order they add nodes.
 """
 
@@ -18,7 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..ops import INPUT_GROUPS, threshold_input
 from ._match import sites
+from .projections import attention_projections, threshold_attention_inputs
 
 clada = torch.ops.clada
 
@@ -96,7 +103,8 @@ def lower_decode(traced, n_layers: int, arch: str, impl: str):
     gm = traced.gm
     g = gm.graph
     found = ordered_sites(gm, n_layers, arch)
-    last = tau = _add_input(traced, g, "clada.tau", _last_placeholder(g))
+    tau = _add_input(traced, g, "clada.tau", _last_placeholder(g))
+    last = tau_in = _add_input(traced, g, "clada.tau_in", tau)
     kept = []
     for site in found:
         layer = site.meta["clada_layer"]
@@ -108,6 +116,10 @@ def lower_decode(traced, n_layers: int, arch: str, impl: str):
                 last = new[key] = _add_input(traced, g, f"clada.{layer}.{key}", last)
         with g.inserting_before(site):
             t = g.call_function(torch.ops.aten.select.int, (tau, 0, layer))
+            if impl != "dense":
+                row = g.call_function(torch.ops.aten.select.int, (tau_in, 0, INPUT_GROUPS.index("mlp_in")))
+                x = g.call_function(threshold_input, (x, g.call_function(torch.ops.aten.select.int, (row, 0, layer))))
+                x.meta.update(site.args[0].meta)
             call = g.call_function(clada.sparse_mlp.default, (
                 x, new["w_in"], new.get("b_in"), new.get("w_up"), new.get("b_up"), new["w_down_t"],
                 b_down, t, act, impl))
@@ -121,6 +133,10 @@ def lower_decode(traced, n_layers: int, arch: str, impl: str):
     out_node = next(n for n in g.nodes if n.op == "output")
     out_node.args = (tuple(out_node.args[0]) + tuple(kept),)
     traced.output_names += [f"clada.active.{s.layer}" for s in traced.sites]
+    traced.attention_layers = []
+    if impl != "dense":
+        traced.attention_layers = sorted(attention_projections(g))
+        threshold_attention_inputs(gm, tau_in)
     return gm, len(found)
 
 
