@@ -50,9 +50,9 @@ class CladaConfig:
     surprisal_threshold / entropy_threshold: percentiles (0..1) of the recent window above which
         a token counts as high-load on that signal (CLADA's AND rule needs both).
     update_window: tokens per controller window (thresholds refresh, high-load check).
-    target_active: fraction of backbone neurons the per-token threshold keeps on average
-        (1.0 disables it). Takes effect with a calibration `profile`, whose per-layer thresholds
-        are re-targeted to this fraction.
+    target_active: fraction of backbone neurons the per-token threshold on h keeps on average;
+        None (default) = the profile's own calibrated target. A number re-targets the profile's
+        per-layer thresholds along its curves to that fraction (1.0 turns h's threshold off).
     profile: path of a calibration profile JSON (clada-calibrate) with per-layer base thresholds;
         None = no per-token threshold (backbone only). `clada_compile.shipped_profile("smollm2")`
         is the profile shipped for the embedded model.
@@ -84,7 +84,7 @@ class CladaConfig:
     surprisal_threshold: float = 0.7
     entropy_threshold: float = 0.7
     update_window: int = 10
-    target_active: float = 0.5
+    target_active: float | None = None
     profile: str | None = None
     schedule: str = "static"
     load_signal: str = "both"
@@ -107,7 +107,8 @@ class CladaConfig:
         _check_range("entropy_threshold", self.entropy_threshold, 0, 1)
         if not isinstance(self.update_window, int) or self.update_window < 2:
             raise ValueError(f"`update_window` must be an integer >= 2, got {self.update_window!r}")
-        _check_range("target_active", self.target_active, 0, 1, lo_open=True)
+        if self.target_active is not None:
+            _check_range("target_active", self.target_active, 0, 1, lo_open=True)
         _check_range("high_load_scale", self.high_load_scale, 0, 10)
         _check_range("low_load_scale", self.low_load_scale, 0, 10)
         _check_choice("schedule", self.schedule, SCHEDULES)
@@ -148,7 +149,7 @@ class CladaConfig:
         group (sparsify None may enable the profile's input groups)."""
         if not (self.enabled and self.profile is not None):
             return False
-        return (self.target_active < 1.0 or self.sparsify is None or bool(self.input_active)
+        return (self.target_active is None or self.target_active < 1.0 or self.sparsify is None or bool(self.input_active)
                 or any(g in INPUT_GROUPS for g in self.sparsify))
 
     def groups(self, available) -> tuple:

@@ -114,7 +114,8 @@ class OrtCladaModel:
         self.impl = "dense" if not config.enabled or not config.uses_threshold else "masked"
         if self.impl == "masked" and m.get("impl") == "dense":
             raise ValueError(f"{shared.path} was exported with dense=True (no threshold mask in decode.onnx), but the "
-                             f"config sets target_active={config.target_active}; re-export without --dense")
+                             f"config thresholds with a profile (target_active={config.target_active}, sparsify={config.sparsify}); "
+                             f"re-export without --dense")
         self._zero_taus = torch.zeros(int(m["n_layers"]), dtype=torch.float32)
         ratio = config.top_k_ratio if config.enabled else 1.0
         self.k = [min(d, max(config.min_active_neurons, round(ratio * d))) for d in self.d_ff]
