@@ -118,6 +118,7 @@ class CladaModel(nn.Module):
 
     def _gemv_decode(self, decode):
         from .passes.gemv import linears_to_gemv, sparse_mlp_to_gemv
+        from .passes.gqa import sdpa_without_repeat_kv
         from .tracing import TracedGraph
 
         gm = fx.GraphModule(decode.gm, copy.deepcopy(decode.gm.graph))
@@ -125,6 +126,7 @@ class CladaModel(nn.Module):
                              list(decode.attention_layers))
         _, self.gemv_rewrites["sparse_mlp_to_gemv"] = sparse_mlp_to_gemv(traced)
         _, self.gemv_rewrites["linears_to_gemv"] = linears_to_gemv(gm, self.graphs.gemv_weights)
+        _, self.gemv_rewrites["sdpa_without_repeat_kv"] = sdpa_without_repeat_kv(gm)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
