@@ -271,3 +271,21 @@ def test_clada_calibrate_cli_writes_input_groups(tmp_path, capsys, smollm2):
                      ("attn_out=1.5", r"must be in \(0, 1\]")):
         with pytest.raises(ValueError, match=msg):
             main_impl(["--text", "x.txt", "--inputs", bad, "--output", str(out)])
+
+
+def test_cli_flags_reach_the_config():
+    import argparse
+
+    from clada_compile.cli.common import add_clada_flags, add_model_flags, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_model_flags(p)
+    add_clada_flags(p)
+    args = p.parse_args(["--profile", "p.json", "--sparsify", "attn_in, mlp_down", "--input_active", "attn_in=0.75"])
+    cfg = config_from_args(args)
+    assert cfg.sparsify == ("mlp_down", "attn_in") and cfg.input_active == (("attn_in", 0.75),)
+    assert cfg.target_active is None  # the profile's own target
+    with pytest.raises(ValueError, match="expected GROUP=FRACTION"):
+        config_from_args(p.parse_args(["--input_active", "attn_in"]))
+    with pytest.raises(ValueError, match="leaves off"):
+        config_from_args(p.parse_args(["--sparsify", "mlp_down", "--input_active", "mlp_in=0.8"]))

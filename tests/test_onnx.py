@@ -295,6 +295,15 @@ def test_input_thresholds_match_torch(llama_dir):
     assert (outs[0] - outs[1]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="input thresholds must have shape"):
         engine.set_input_thresholds(torch.zeros(2))
+    # a format-2 profile sets them, as optimize() does
+    from clada_compile.calibrate import calibrate
+
+    ids = torch.randint(0, VOCAB, (256,), generator=torch.Generator().manual_seed(0))
+    cal = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
+    prof = llama_dir.parent / "v2.json"
+    prof.write_text(json.dumps(calibrate(cal, ids, 0.5, 10.0, 64, input_targets={"attn_in": 0.7, "mlp_in": 0.8})))
+    v2 = OrtCladaModel.from_dir(llama_dir, config=CONFIG.replace(profile=str(prof)))
+    assert v2.input_taus[0].all() and v2.input_taus[1].all() and not v2.input_taus[2].any()
 
 
 def test_set_active_validates(llama_dir):
