@@ -54,7 +54,7 @@ class _Collector(fx.Interpreter):
 
     def _sample(self, key, t):
         t = t.reshape(-1, t.shape[-1])
-        if self.take is None or self.take.numel() > t.shape[0]:
+        if self.take is None:  # every tensor of a window has the window's rows
             self.take = torch.randperm(t.shape[0], generator=self.gen)[: self.max_rows]
         self.store.setdefault(key, []).append(t[self.take].float())
 

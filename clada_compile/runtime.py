@@ -118,6 +118,7 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
     entry = engine.taus.clone()
     base = entry.clone() if base_taus is None else torch.as_tensor(base_taus, dtype=torch.float32)
     entry_in = engine.input_taus.clone()  # projection-input thresholds, scaled like `base`
+    scale_in = 1.0  # the scale they are set at now
     if not enabled:
         base = torch.zeros_like(base)
     ctl = Controller(cfg, base)
@@ -178,7 +179,9 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
             break
         if enabled:
             engine.set_thresholds(decision.taus)
-            engine.set_input_thresholds(entry_in * decision.scale)
+            if decision.scale != scale_in:  # the input thresholds move only with the load scale
+                engine.set_input_thresholds(entry_in * decision.scale)
+                scale_in = decision.scale
             if decision.reselect:
                 # P600 reanalysis: a dense pass over everything so far scores the recent window in
                 # context; merged with the prompt's scores it re-selects the backbone, and its

@@ -235,21 +235,26 @@ def test_greedy_generation_matches_torch_engine(llama_dir):
     assert engine.dense().k == [80, 80]
 
 
-def test_thresholds_and_kept_counts_match_torch(llama_dir):
-    """The export's profile sets the base thresholds; the per-token threshold (a profile and
-    target_active < 1) gives the same masked logits and kept counts as torch, no new session."""
-    engine = OrtCladaModel.from_dir(llama_dir)  # the recorded config + the export's profile.json
-    assert engine.config.uses_threshold and engine.taus.tolist() == pytest.approx([0.05, 0.1])
+def _prefilled_pair(engine, seed):
+    """(torch reference engine, ORT past, torch past, step, mask): both engines prefilled on the
+    same 10 random tokens with their backbones selected, ready for one decode step."""
     model, graphs = graphs_for("llama")
     torch_engine = CladaModel(model, graphs, engine.config.replace(kernel="reference", backend="eager"))
-    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(seed))
     zero = torch.zeros(2)
     _, past, scores = engine.prefill(ids, taus=zero)
     _, tpast, tscores = torch_engine.prefill(ids, taus=zero)
     engine.select(scores)
     torch_engine.select(tscores)
-    mask = torch.ones(1, 11, dtype=torch.long)
-    step = ids[:, -1:]
+    return torch_engine, past, tpast, ids[:, -1:], torch.ones(1, 11, dtype=torch.long), scores
+
+
+def test_thresholds_and_kept_counts_match_torch(llama_dir):
+    """The export's profile sets the base thresholds; the per-token threshold (a profile and
+    target_active < 1) gives the same masked logits and kept counts as torch, no new session."""
+    engine = OrtCladaModel.from_dir(llama_dir)  # the recorded config + the export's profile.json
+    assert engine.config.uses_threshold and engine.taus.tolist() == pytest.approx([0.05, 0.1])
+    torch_engine, past, tpast, step, mask, scores = _prefilled_pair(engine, 4)
     for taus in ([0.0, 0.0], [0.05, 0.1]):
         engine.set_thresholds(taus)
         torch_engine.set_thresholds(taus)
@@ -272,16 +277,8 @@ def test_input_thresholds_match_torch(llama_dir):
     """The decode graph's clada.tau_in thresholds the MLP and attention inputs as the torch
     reference engine does (same logits and kept counts), and changes the logits."""
     engine = OrtCladaModel.from_dir(llama_dir)
+    torch_engine, past, tpast, step, mask, _ = _prefilled_pair(engine, 6)
     model, graphs = graphs_for("llama")
-    torch_engine = CladaModel(model, graphs, engine.config.replace(kernel="reference", backend="eager"))
-    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(6))
-    zero = torch.zeros(2)
-    _, past, scores = engine.prefill(ids, taus=zero)
-    _, tpast, tscores = torch_engine.prefill(ids, taus=zero)
-    engine.select(scores)
-    torch_engine.select(tscores)
-    mask = torch.ones(1, 11, dtype=torch.long)
-    step = ids[:, -1:]
     outs = []
     for tau_in in (torch.zeros(3, 2), torch.tensor([[0.3, 0.4], [0.5, 0.5], [0.05, 0.1]])):
         for e in (engine, torch_engine):
