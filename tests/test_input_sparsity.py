@@ -240,6 +240,16 @@ def test_bad_thresholds_and_groups_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"`input_active` sets \['attn_out'\]"):
         apply_profile(CladaModel(model, graphs, CladaConfig(backend="eager", profile=path,
                                                             input_active={"attn_out": 0.5})), path)
+    wrong = json.loads(open(path).read())
+    wrong["n_layers"] = 3
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match="the profile is for 3 layers, the model has 2"):
+        apply_profile(cm, tmp_path / "wrong.json")
+    no_attn = CladaModel(model, graphs, CladaConfig(backend="eager", profile=path))
+    no_attn.attention_layers = [1]  # as for a model whose layer 0 attention did not match
+    _, _, path2, _ = _profile("llama", tmp_path, {"attn_in": 0.7})
+    with pytest.raises(ValueError, match=r"layers \[0\] of this llama model have no matched attention"):
+        apply_profile(no_attn, path2)
     with pytest.raises(ValueError, match="per-token `input_taus` must have shape"):
         ids = torch.ones(1, 3, dtype=torch.long)
         _, past, _ = cm.prefill(ids)
