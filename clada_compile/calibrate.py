@@ -206,24 +206,12 @@ def calibrate(cm, token_ids: torch.Tensor, target_active: float = 0.5, error_bud
 
 def save_profile(prof: dict, path) -> None:
     """Write atomically: a temporary sibling renamed over `path` (no half-written profile)."""
-    import os
-    import tempfile
+    from .io import atomic_write_json
 
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"the profile path {path} is a directory; give a file name like {path / 'profile.json'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(prof, f, indent=1)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a profile is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_json(path, prof, indent=1)
 
 
 def load_profile(path) -> dict:

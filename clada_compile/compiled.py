@@ -12,9 +12,9 @@ import copy
 import torch
 from torch import fx, nn
 
-from .config import CladaConfig
+from .config import INPUT_GROUPS, CladaConfig
+from .engine import Engine, context_length_of, position_ids_from_mask
 from .graphs import CladaGraphs, build_graphs
-from .ops import INPUT_GROUPS
 from .passes import inline_sparse_mlp, materialize, run_passes
 
 
@@ -24,56 +24,22 @@ def _impl_for(config: CladaConfig) -> str:
     return config.kernel
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
-    """Positions of the last `length` tokens; left padding does not advance the position."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp_min(0)[:, -length:]
+class CladaModel(nn.Module, Engine):
+    """The torch engine (engine.Engine): the rewritten graphs under torch.compile (or eager)."""
 
+    per_token_thresholds = True  # decode() takes (n_layers, B, S) thresholds: evaluate.score_parallel
+    forward = Engine.forward  # nn.Module's placeholder forward comes first in the MRO
 
-def check_taus(taus, n_layers: int) -> torch.Tensor:
-    """Validated (n_layers,) float32 thresholds; shared by every engine's set_thresholds."""
-    taus = torch.as_tensor(taus, dtype=torch.float32).reshape(-1)
-    if taus.numel() != n_layers:
-        raise ValueError(f"`taus` must have one value per layer ({n_layers}), got {taus.numel()}")
-    if not torch.isfinite(taus).all() or (taus < 0).any():
-        raise ValueError(f"`taus` must be finite and >= 0, got {taus.tolist()}")
-    return taus
-
-
-def check_input_taus(taus, n_layers: int) -> torch.Tensor:
-    """Validated (len(INPUT_GROUPS), n_layers) float32 input thresholds (rows: INPUT_GROUPS)."""
-    taus = torch.as_tensor(taus, dtype=torch.float32)
-    want = (len(INPUT_GROUPS), n_layers)
-    if tuple(taus.shape) != want:
-        raise ValueError(f"input thresholds must have shape {want} (rows {', '.join(INPUT_GROUPS)}; one column "
-                         f"per layer), got {tuple(taus.shape)}")
-    if not torch.isfinite(taus).all() or (taus < 0).any():
-        raise ValueError(f"input thresholds must be finite and >= 0, got {taus.tolist()}")
-    return taus
-
-
-def check_indices(indices, layer: int, k: int, d_ff: int) -> torch.Tensor:
-    """Validated, sorted active-set ids of one layer; shared by every engine's set_active."""
-    idx = torch.as_tensor(indices, dtype=torch.long).sort().values
-    if idx.numel() != k or idx.unique().numel() != k or idx.min() < 0 or idx.max() >= d_ff:
-        raise ValueError(f"layer {layer}: `indices` must be {k} distinct neuron ids in [0, {d_ff}), "
-                         f"got {idx.numel()} ids")
-    return idx
-
-
-class CladaModel(nn.Module):
     def __init__(self, model, graphs: CladaGraphs, config: CladaConfig, tokenizer=None, impl: str | None = None):
         super().__init__()
         self.hf_model = model
         self.tokenizer = tokenizer
-        self.config = config
         self.graphs = graphs
         self.n_layers = graphs.n_layers
         self.impl = (impl or _impl_for(config)) if config.enabled else "dense"
         hf_cfg = model.config.get_text_config(decoder=True)
-        self.context_length = getattr(hf_cfg, "max_position_embeddings", None) or getattr(hf_cfg, "n_positions", None)
+        self.context_length = context_length_of(hf_cfg)
         self.vocab_size = int(hf_cfg.vocab_size)
-        self._dense = None
         pre = graphs.prefill
         self.full = []
         for site in pre.sites:
@@ -81,15 +47,15 @@ class CladaModel(nn.Module):
             self.full.append(dict(w_in=w_in.detach(), b_in=None if b_in is None else b_in.detach(),
                                   w_up=None if w_up is None else w_up.detach(),
                                   b_up=None if b_up is None else b_up.detach(), w_down=w_down.detach()))
-        self.d_ff = [f["w_in"].shape[0] for f in self.full]
-        ratio = config.top_k_ratio if config.enabled else 1.0
-        self.k = [min(d, max(config.min_active_neurons, round(ratio * d))) for d in self.d_ff]
-        self.taus = torch.zeros(self.n_layers, dtype=torch.float32)
-        # thresholds of the projection inputs, one row per ops.INPUT_GROUPS entry (0 = dense)
-        self.input_taus = torch.zeros(len(INPUT_GROUPS), self.n_layers, dtype=torch.float32)
+        self._init_engine(config, [f["w_in"].shape[0] for f in self.full])
         # every decode projection on the GEMV kernel (passes/gemv.py), unless the caller pinned an
         # impl (the ONNX exporter, reference tests) or asked for the reference kernel
         self.gemv = impl is None and config.kernel in ("auto", "cpp")
+        # precision "int8": the weights are already int8 round trips (optimize() -> quantize.py);
+        # the GEMV graph stores them as int8 + per-column scales, the kernel reads a quarter of the bytes
+        self.quantized = self.gemv and config.precision == "int8"
+        if self.quantized:
+            self._quantize_full()
         self.gemv_rewrites = {}
         decode = graphs.decode_for(self.impl)
         if self.gemv:
@@ -107,9 +73,8 @@ class CladaModel(nn.Module):
         for name in names[first + 1:]:
             _, layer, key = name.split(".")
             buf = self.compact[int(layer)]
-            buf[key] = torch.empty(self._compact_shape(int(layer), key), dtype=self.full[0]["w_in"].dtype)
+            buf[key] = torch.empty(self._compact_shape(int(layer), key), dtype=self._compact_dtype(key))
             self._decode_weights.append(buf[key])
-        self.active = [None] * self.n_layers
         for layer in range(self.n_layers):
             self.set_active(layer, torch.arange(self.k[layer]))
         self.inlined = 0  # sparse_mlp ops inlined into the inductor decode graph
@@ -124,8 +89,8 @@ class CladaModel(nn.Module):
         gm = fx.GraphModule(decode.gm, copy.deepcopy(decode.gm.graph))
         traced = TracedGraph(gm, "decode", list(decode.input_names), list(decode.output_names), decode.sites,
                              list(decode.attention_layers))
-        _, self.gemv_rewrites["sparse_mlp_to_gemv"] = sparse_mlp_to_gemv(traced)
-        _, self.gemv_rewrites["linears_to_gemv"] = linears_to_gemv(gm, self.graphs.gemv_weights)
+        _, self.gemv_rewrites["sparse_mlp_to_gemv"] = sparse_mlp_to_gemv(traced, quantize=self.quantized)
+        _, self.gemv_rewrites["linears_to_gemv"] = linears_to_gemv(gm, self.graphs.gemv_weights, quantize=self.quantized)
         _, self.gemv_rewrites["sdpa_without_repeat_kv"] = sdpa_without_repeat_kv(gm)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
@@ -137,7 +102,25 @@ class CladaModel(nn.Module):
         d_model = f["w_in"].shape[1]
         return {"w_in": (k, d_model), "w_up": (k, d_model), "b_in": (k,), "b_up": (k,),
                 "w_down_t": (k, f["w_down"].shape[0]), "w_in_t": (d_model, k), "w_gu_t": (d_model, 2 * k),
-                "b_gu": (2 * k,)}[key]
+                "b_gu": (2 * k,), "s_in": (k,), "s_gu": (2 * k,), "s_down": (f["w_down"].shape[0],)}[key]
+
+    def _compact_dtype(self, key: str) -> torch.dtype:
+        if self.quantized and key in ("w_in_t", "w_gu_t", "w_down_t"):
+            return torch.int8
+        return torch.float32 if key.startswith("s_") else self.full[0]["w_in"].dtype
+
+    def _quantize_full(self) -> None:
+        """int8 copies of every MLP's weights, one scale per output channel (quantize.py): rows of
+        w_in / w_up are neurons, w_down^T's columns are the model's channels. Compaction picks
+        neurons from these, so the scales of a neuron never change with the active set."""
+        from .quantize import quantize_columns, quantize_rows
+
+        self.full_q = []
+        for f in self.full:
+            q = {"w_in": quantize_rows(f["w_in"]), "w_down_t": quantize_columns(f["w_down"].t())}
+            if f["w_up"] is not None:
+                q["w_up"] = quantize_rows(f["w_up"])
+            self.full_q.append(q)
 
     def _compile(self, gm, inline: bool = False):
         if self.config.backend == "eager":
@@ -147,22 +130,13 @@ class CladaModel(nn.Module):
             self.inlined = run_passes(gm, (inline_sparse_mlp,))["inline_sparse_mlp"]
         return torch.compile(gm, backend="inductor", fullgraph=True)
 
-    # ---- host-side state -------------------------------------------------------------------
-    @torch.no_grad()
-    def set_thresholds(self, taus) -> None:
-        self.taus.copy_(check_taus(taus, self.n_layers))
-
-    @torch.no_grad()
-    def set_input_thresholds(self, taus) -> None:
-        """(len(ops.INPUT_GROUPS), n_layers) thresholds of the MLP and attention inputs."""
-        self.input_taus.copy_(check_input_taus(taus, self.n_layers))
-
-    @torch.no_grad()
-    def set_active(self, layer: int, indices: torch.Tensor) -> None:
-        """Make `indices` (k neuron ids of layer `layer`) the active set: compact weights in place."""
-        idx = check_indices(indices, layer, self.k[layer], self.d_ff[layer])
+    # ---- Engine: weight compaction ---------------------------------------------------------
+    def _compact(self, layer: int, idx: torch.Tensor) -> None:
         f, buf = self.full[layer], self.compact[layer]
         k = self.k[layer]
+        if self.quantized:
+            self._compact_q(layer, idx)
+            return
         buf["w_down_t"].copy_(torch.index_select(f["w_down"], 1, idx).t())
         for key in ("w_in", "b_in", "w_up", "b_up"):
             if key in buf:
@@ -175,18 +149,27 @@ class CladaModel(nn.Module):
         if "b_gu" in buf:
             for part, key in ((buf["b_gu"][:k], "b_in"), (buf["b_gu"][k:], "b_up")):
                 part.copy_(f[key][idx] if f[key] is not None else torch.zeros(()))
-        self.active[layer] = idx
 
-    def select(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Top-k neurons per layer from Griffin scores (B, d_ff); a batch shares one active set
-        chosen from the sum of its sequences' scores (the compacted weights are per graph)."""
-        chosen = []
-        for layer, s in enumerate(scores):
-            s = s.float().reshape(-1, self.d_ff[layer]).sum(0)
-            idx = torch.topk(s, self.k[layer]).indices
-            self.set_active(layer, idx)
-            chosen.append(self.active[layer])
-        return chosen
+    def _compact_q(self, layer: int, idx: torch.Tensor) -> None:
+        """_compact for int8 weights: int8 rows/columns and their scales (biases stay float)."""
+        f, q, buf = self.full[layer], self.full_q[layer], self.compact[layer]
+        k = self.k[layer]
+        buf["w_down_t"].copy_(torch.index_select(q["w_down_t"][0], 0, idx))
+        buf["s_down"].copy_(q["w_down_t"][1])
+        gu = buf.get("w_gu_t", buf.get("w_in_t"))
+        s_gu = buf.get("s_gu", buf.get("s_in"))
+        parts = [("w_in", slice(0, k))] + ([("w_up", slice(k, 2 * k))] if "w_gu_t" in buf else [])
+        for key, cols in parts:
+            gu[:, cols].copy_(torch.index_select(q[key][0], 0, idx).t())
+            s_gu[cols].copy_(q[key][1][idx])
+        if "b_in" in buf and "w_in_t" in buf:
+            torch.index_select(f["b_in"], 0, idx, out=buf["b_in"])
+        if "b_gu" in buf:
+            for part, key in ((buf["b_gu"][:k], "b_in"), (buf["b_gu"][k:], "b_up")):
+                part.copy_(f[key][idx] if f[key] is not None else torch.zeros(()))
+
+    def _make_dense(self) -> "CladaModel":
+        return CladaModel(self.hf_model, self.graphs, self.config.replace(enabled=False), self.tokenizer)
 
     # ---- graph calls -----------------------------------------------------------------------
     @torch.no_grad()
@@ -194,14 +177,8 @@ class CladaModel(nn.Module):
         """Full-weight pass over a prompt -> (logits, presents, scores per layer).
 
         score_mask (B, S): tokens the Griffin scores cover (default: the unpadded tokens)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        pos = position_ids_from_mask(attention_mask, input_ids.shape[1])
-        taus = self.taus if taus is None else taus
-        score_mask = attention_mask if score_mask is None else score_mask
-        out = self._prefill_fn(input_ids, attention_mask, pos, taus, score_mask)
-        n = self.n_layers
-        return out[0], list(out[1:1 + 2 * n]), list(out[1 + 2 * n:])
+        feeds = self._prefill_feeds(input_ids, attention_mask, taus, score_mask)
+        return self._split_outputs(self._prefill_fn(*(feeds[name] for name in self.graphs.prefill.input_names)))
 
     @torch.no_grad()
     def decode(self, input_ids, attention_mask, past, with_active=False, taus=None, input_taus=None):
@@ -212,6 +189,7 @@ class CladaModel(nn.Module):
         teacher-forced scoring feeds a whole continuation in one call with the thresholds the
         controller chose for each of its tokens (evaluate.score_parallel). input_taus likewise:
         None or (len(INPUT_GROUPS), n_layers, B, S)."""
+        self._check_past(past)
         pos = position_ids_from_mask(attention_mask, input_ids.shape[1])
         if taus is None:
             taus = self.taus
@@ -234,32 +212,17 @@ class CladaModel(nn.Module):
             torch._dynamo.maybe_mark_dynamic(t, 2)
         torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
         out = self._decode_fn(input_ids, attention_mask, pos, *past, taus, input_taus, *self._decode_weights)
-        n = self.n_layers
-        presents = list(out[1:1 + 2 * n])
+        logits, presents, kept = self._split_outputs(out)
         if with_active:
-            return out[0], presents, torch.stack(out[1 + 2 * n:])
-        return out[0], presents
+            return logits, presents, self._kept(kept)
+        return logits, presents
 
     def with_config(self, config: CladaConfig) -> "CladaModel":
         """Another CladaModel on the same traced graphs (no re-tracing), e.g. another sparsity."""
+        if config.precision != self.config.precision:
+            raise ValueError(f"with_config cannot change `precision` ({self.config.precision!r} -> {config.precision!r}): "
+                             "the traced graphs hold this precision's weights; call optimize() on a freshly loaded model")
         return _make(self.hf_model, self.graphs, config, self.tokenizer)
-
-    def dense(self) -> "CladaModel":
-        """The dense model through the same graphs and backend (the baseline), built once."""
-        if not self.config.enabled:
-            return self
-        if self._dense is None:
-            self._dense = CladaModel(self.hf_model, self.graphs, self.config.replace(enabled=False), self.tokenizer)
-        return self._dense
-
-    def forward(self, input_ids, attention_mask=None):
-        """Logits like the HF model's, through the prefill graph with the current thresholds."""
-        return self.prefill(input_ids, attention_mask)[0]
-
-    def generate(self, input_ids, **kwargs):
-        from .runtime import generate
-
-        return generate(self, input_ids, **kwargs)
 
     def rewrite_summary(self) -> str:
         lines = [f"architecture: {self.graphs.arch}, layers: {self.n_layers}"]
@@ -290,13 +253,22 @@ def optimize(model, config: CladaConfig | None = None, tokenizer=None) -> CladaM
     return _make(model, build_graphs(model, impl), config, tokenizer)
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 
 def _set_precision(model, precision: str) -> None:
     """Cast the model's floating-point weights to `precision` in place (a no-op when they already
-    are): the decode GEMVs then stream weights of that width."""
+    are): the decode GEMVs then stream weights of that width. "int8": float32 weights, each
+    projection's replaced by its int8 round trip (quantize.round_trip_), stored int8 for decode."""
     dtype = _DTYPES[precision]
+    if precision == "int8":
+        from .quantize import round_trip_
+
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+            raise ValueError("`precision` 'int8' quantizes a float32 model; load it with dtype='fp32' "
+                             "(clada CLIs do this for --precision int8)")
+        round_trip_(model)
+        return
     device = next(model.parameters()).device
     if dtype == torch.float16 and device.type == "cpu":
         raise ValueError("`precision` 'fp16' needs a CUDA model: the CPU kernels run fp32 and bf16 weights; "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 BACKENDS = ("inductor", "eager")
 KERNELS = ("auto", "cpp", "reference")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 SCHEDULES = ("static", "clada", "continuous")
 SIGNALS = ("both", "entropy", "surprisal")
 # Projection inputs that can carry a per-token threshold (drop channel i when |x_i| < tau; the
@@ -69,7 +69,10 @@ class CladaConfig:
         input-sparse GEMV kernel (passes/gemv.py; error if the build fails); "reference": the
         masked dense matmul of lower_decode's graph (torch's linear for the other projections).
     precision: "fp32" or "bf16" (both run on the CPU kernels); "fp16" needs a CUDA model.
-        optimize() casts the model's floating-point weights to it, in place.
+        optimize() casts the model's floating-point weights to it, in place. "int8": weight-only
+        int8 with one scale per output channel (quantize.py) on every decode projection, lm_head
+        included; float32 activations; needs a float32 model (its weights become their int8
+        round trips in place, so prefill computes with the same weights on torch's GEMM).
     sparsify: which projection inputs the profile's thresholds apply to, a tuple of GROUPS:
         "mlp_down" (the MLP's hidden h, the paper's threshold), "mlp_in" (gate/up input),
         "attn_in" (q/k/v input), "attn_out" (o input). None (default) = every group the profile

@@ -20,6 +20,9 @@ def load_prompts(path, field: str = "article", limit: int | None = None) -> list
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n} is not valid JSON: {e}") from None
+        if not isinstance(row, dict):  # a list or a string would fail below with a TypeError
+            raise ValueError(f"{path}:{n} holds a JSON {type(row).__name__}, not an object; --data_path expects "
+                             f"one object per line, like {{\"{field}\": \"...\"}}")
         if field not in row:
             raise KeyError(f"{path}:{n} has no field {field!r} (fields: {', '.join(row)}); pass --prompt_field")
         text = str(row[field]).strip()

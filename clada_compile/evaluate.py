@@ -41,14 +41,16 @@ def windows(ids: torch.Tensor, n: int, prompt: int, cont: int):
 def score(engine, wins, baseline: bool = False, desc: str = "", scorer: str = "auto", cache=None):
     """Per window: token NLLs (nats), mean active fraction, re-selections.
 
-    scorer: "sequential", "parallel" or "auto" (parallel where it is exact: a CladaModel without
-    re-selection). cache: a dict shared across calls on the same windows (prompt prefills)."""
+    scorer: "sequential", "parallel" or "auto" (parallel where it is exact: an engine with
+    per_token_thresholds, without re-selection). cache: a dict shared across calls on the same
+    windows (prompt prefills)."""
     if scorer not in ("auto", "parallel", "sequential"):
         raise ValueError(f"`scorer` must be 'auto', 'parallel' or 'sequential', got {scorer!r}")
     can = parallel_ok(engine, baseline)
     if scorer == "parallel" and not can:
-        raise ValueError("parallel scoring cannot replay re-selection (a dense re-prefill mid-stream) and needs a "
-                         "CladaModel; use scorer='sequential'")
+        raise ValueError("parallel scoring cannot replay re-selection (a dense re-prefill mid-stream) and needs an "
+                         "engine whose decode takes per-token thresholds (the torch engine, CladaModel; not "
+                         f"{type(engine).__name__}); use scorer='sequential'")
     if scorer != "sequential" and can:
         return score_parallel(engine, wins, baseline, desc, cache)
     out = []
@@ -60,10 +62,11 @@ def score(engine, wins, baseline: bool = False, desc: str = "", scorer: str = "a
 
 
 def parallel_ok(engine, baseline: bool = False) -> bool:
-    from .compiled import CladaModel
-
+    """Parallel scoring is exact here: the engine's decode takes per-token thresholds
+    (engine.Engine.per_token_thresholds) and no re-selection has to be replayed."""
     cfg = engine.config
-    return isinstance(engine, CladaModel) and (baseline or not (cfg.enabled and cfg.reselect))
+    per_token = bool(getattr(engine, "per_token_thresholds", False))
+    return per_token and (baseline or not (cfg.enabled and cfg.reselect))
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -202,6 +203,52 @@ def resolve_spec(spec: str) -> tuple[str, Path]:
     )
 
 
+def _supported_list() -> str:
+    return ", ".join(f"{name} ({mt})" for mt, name in SUPPORTED_ARCHITECTURES.items())
+
+
+def _check_hf_config(path: Path) -> str | None:
+    """The model_type of the HF directory `path`, read from its config.json without loading weights.
+
+    ValueError when config.json is not a JSON object (transformers would raise an OSError) or names
+    an architecture clada_compile cannot optimize (transformers would list every AutoModel class)."""
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): the model directory is damaged; "
+                         f"restore config.json or download the model again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object: not a Hugging Face "
+                         f"model config; restore config.json or download the model again")
+    model_type = config.get("model_type")
+    if model_type is not None and model_type not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"model {path}: architecture {model_type!r} is not supported; clada_compile "
+                         f"supports {_supported_list()}")
+    return model_type
+
+
+def check_spec(spec: str) -> tuple[str, Path]:
+    """resolve_spec plus, for a Hugging Face directory, its config.json (valid, supported architecture).
+
+    Cheap: no weights are read, so commands call it before anything slow."""
+    kind, path = resolve_spec(spec)
+    if kind == "hf":
+        _check_hf_config(path)
+    return kind, path
+
+
+def _damaged_gguf(path: Path) -> str | None:
+    """Why gguf's own reader rejects `path` (truncated, not a GGUF, ...), or None when it reads it."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors, ... on bad bytes
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def _gguf_to_hf_dir(path: Path) -> Path:
     st = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -210,8 +257,17 @@ def _gguf_to_hf_dir(path: Path) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception:
+        # a truncated file surfaces as e.g. "cannot reshape array of size 66784 into shape (576,360)":
+        # ask the GGUF reader (only now: it costs seconds) whether the file itself is at fault
+        why = _damaged_gguf(path)
+        if why is None:
+            raise
+        raise ValueError(f"the GGUF file {path} is damaged or truncated ({why}); download or copy it "
+                         f"again") from None
     # the weights are dequantized fp32 now; drop the GGUF "quantizer" that blocks save_pretrained
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -241,8 +297,10 @@ def load_model(spec: str = "smollm2", dtype: str | torch.dtype = "fp32"):
         if dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    kind, path = resolve_spec(spec)
+    kind, path = check_spec(spec)
     hf_dir = _gguf_to_hf_dir(path) if kind == "gguf" else path
+    if kind == "gguf":
+        _check_hf_config(hf_dir)  # the architecture the GGUF holds, now that it is a config.json
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model.eval()

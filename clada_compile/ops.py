@@ -133,27 +133,31 @@ def threshold_input(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return threshold_mask(x, tau)
 
 
-def gemv_in(x: torch.Tensor, wt: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+def gemv_in(x: torch.Tensor, wt: torch.Tensor, tau: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x @ wt over the channels |x_i| >= tau: the GEMV kernel for one threshold, the mask and a
-    matmul for per-token thresholds (teacher-forced scoring feeds many rows)."""
+    matmul for per-token thresholds (teacher-forced scoring feeds many rows). With `scale`, wt is
+    int8 and the product is scaled per output column (quantize.py)."""
     from clada_compile import kernels
 
+    if scale is not None:
+        if tau.numel() == 1:
+            return kernels.sparse_gemv_t_q8(x, wt, scale, tau.reshape(1).float())
+        return (threshold_mask(x, tau) @ wt.to(x.dtype)) * scale
     if tau.numel() == 1:
         return kernels.sparse_gemv_t(x, wt, tau.reshape(1).float())
     return threshold_mask(x, tau) @ wt
 
 
-def gemv_mlp(x, w_gu_t, b_gu, w_down_t, b_down, tau, tau_in, act: str, gated: bool, impl: str):
+def gemv_mlp(x, w_gu_t, b_gu, w_down_t, b_down, tau, tau_in, act: str, gated: bool, impl: str,
+             s_gu=None, s_down=None):
     """The decode MLP on the GEMV kernel (passes.sparse_mlp_to_gemv), same outputs as sparse_mlp.
 
     w_gu_t (d_model, 2k) = [gate^T | up^T] (gated) or w_in^T (d_model, k): one stream over both
     projections; tau_in: the threshold of the MLP's input x (the mlp_in group; a float32 zero for
     a dense gate/up). The kernel op serves single rows and runs a plain matmul on more
     (teacher-forced scoring), where per-token thresholds (tau of shape (B, S, 1)) take the
-    masked path."""
-    from clada_compile import kernels
-
-    g = gemv_in(x, w_gu_t, tau_in)
+    masked path. s_gu / s_down: the per-column scales when w_gu_t / w_down_t are int8."""
+    g = gemv_in(x, w_gu_t, tau_in, s_gu)
     if b_gu is not None:
         g = g + b_gu
     if gated:
@@ -162,10 +166,7 @@ def gemv_mlp(x, w_gu_t, b_gu, w_down_t, b_down, tau, tau_in, act: str, gated: bo
     else:
         h = ACTIVATIONS[act](g)
     keep = h.abs() >= _per_row(tau, h).to(h.dtype)
-    if impl == "dense":
-        out = kernels.sparse_gemv_t(h, w_down_t, torch.zeros(1))
-    else:
-        out = gemv_in(h, w_down_t, tau)
+    out = gemv_in(h, w_down_t, torch.zeros(1) if impl == "dense" else tau, s_down)
     kept = keep.sum().to(torch.float32)
     return (out if b_down is None else out + b_down), kept
 

@@ -1,7 +1,7 @@
 """prefill -> select -> decode: the CLADA generation loop, shared by every engine.
 
-An engine is a CladaModel (torch / inductor) or an OrtCladaModel (ONNX Runtime); both offer
-prefill / decode / select / set_thresholds / set_active / dense().
+`engine` is any engine.Engine: compiled.CladaModel (torch / inductor) or
+exporters.ort.OrtCladaModel (ONNX Runtime). engine.py states the contract this loop relies on.
 
 Batches: the compacted weights belong to the graph, so a batch shares ONE active set, chosen from
 the sum of its sequences' Griffin scores, and one threshold per layer; the controller sees the

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clada_compile import CladaConfig
-from clada_compile.ablation import VARIANTS, matched
+from clada_compile.bench.ablation import VARIANTS, matched
 from clada_compile.evaluate import windows
 from conftest import toy_profile
 

@@ -92,6 +92,32 @@ def test_json_report_of_one_round_holds_the_measured_engines_in_the_documented_s
     assert "| hf-eager | fp32 |" in table and "n/a (llama.cpp-f32 not run)" in table
 
 
+def test_gb_per_s_is_bytes_per_token_times_median_tokens_per_s(tiny_dir, text, monkeypatch):
+    """GB/s against numbers worked out by hand, not the code's own formula: 2.5e8 weight bytes per
+    token at a median 4 tok/s is 1.0 GB/s (1e9 bytes, not GiB); a clada engine's measured kernel
+    bytes (median of its rounds) replace its formula's bytes."""
+    # one run per engine per round, hf-eager first: a warm-up round (dropped), then three rounds
+    runs = iter([3.0, 9.0, 4.0, 10.0, 3.0, 4.0, 5.0, 9.0])
+    measured = iter([None, 1e8, None, 3e8, None, 2e8, None, 5e8])  # the clada kernel's byte counter
+
+    def fake(ctx, name):
+        def run():
+            return dict(tok_s=next(runs), prefill_s=0.01, decode_s=1.0, active_fraction=None,
+                        measured_bytes=next(measured))
+
+        return cmp.Runner(name, "fp32", run, lambda af: 2.5e8 if name == "hf-eager" else 9e9)
+
+    monkeypatch.setitem(cmp.BUILDERS, "hf", fake)
+    monkeypatch.setitem(cmp.BUILDERS, "clada", fake)
+    r = cmp.compare(str(tiny_dir), "hf-eager,clada-dense-fp32", text, prompt_tokens=8, new_tokens=4, rounds=3)
+    hf, clada = r["engines"]["hf-eager"], r["engines"]["clada-dense-fp32"]
+    assert hf["rounds"] == [4.0, 3.0, 5.0] and hf["tok_s"] == 4.0
+    assert hf["gb_per_s"] == pytest.approx(1.0)  # 2.5e8 B x 4 tok/s
+    assert clada["rounds"] == [10.0, 4.0, 9.0] and clada["tok_s"] == 9.0
+    assert clada["weight_bytes_per_token"] == 3e8  # median of the measured 3e8, 2e8, 5e8, not the 9e9 formula
+    assert clada["gb_per_s"] == pytest.approx(2.7)  # 3e8 B x 9 tok/s
+
+
 def test_too_short_text_for_the_prompt_is_an_error(tiny_dir, text):
     with pytest.raises(ValueError, match="fewer than --prompt_tokens 500"):
         cmp.compare(str(tiny_dir), "hf-eager", text, prompt_tokens=500, new_tokens=4, rounds=1)

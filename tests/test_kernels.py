@@ -22,7 +22,7 @@ from clada_compile.kernels import (
     sparse_gemv_t,
 )
 from clada_compile.kernels import triton_gemv
-from clada_compile.kernels.bench import format_table, run_kernel_bench
+from clada_compile.bench.kernels import format_table, run_kernel_bench
 
 # Shapes deliberately off the vector width (8 fp32 lanes, 32-column tiles; bf16
 # with AVX-512: 32-column [even | odd] tiles, two at a time, 8-row groups) so
@@ -240,9 +240,12 @@ def test_bf16_threshold_uses_fp32_for_both_tau_shapes():
 def test_bad_inputs_raise_value_error(x, wt, tau, match, kernel_calls):
     # kernel_calls loads the C++ library, so the op runs its C++ CPU
     # implementation; the Python implementation must give the same message.
+    # Without a C++ CPU kernel both calls run the same Python code and the
+    # comparison could not fail: check that the op really dispatches to C++.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("clada::sparse_gemv_t", "CPU")
     with pytest.raises(ValueError, match=match) as from_op:
         sparse_gemv_t(x, wt, tau)
-    with pytest.raises(ValueError) as from_python:
+    with pytest.raises(ValueError, match=match) as from_python:
         kernels._sparse_gemv_t_impl(x, wt, tau)
     assert str(from_op.value) == str(from_python.value)
 
@@ -345,7 +348,7 @@ TRITON_CASES = [
 #   import), and this pytest process may already have imported it.
 _CHILD = """
 import os, sys, torch
-import clada_compile.kernels, clada_compile.kernels.bench
+import clada_compile.kernels, clada_compile.bench.kernels
 from clada_compile.kernels import triton_gemv
 cases, out = eval(sys.argv[1]), sys.argv[2]
 import_report = {

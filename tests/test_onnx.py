@@ -200,6 +200,21 @@ def test_truncated_onnx_and_missing_manifest_are_clear(llama_dir, tmp_path):
         OrtCladaModel.from_dir(bad)
 
 
+def test_manifest_with_wrong_n_layers_blames_the_manifest(llama_dir, tmp_path):
+    """n_layers disagreeing with the manifest's own per-layer lists is the export's fault: the error
+    names clada.json and the re-export, not the (correct) calibration profile shipped with it."""
+    for n in (1, 3):
+        bad = tmp_path / f"n{n}"
+        shutil.copytree(llama_dir, bad)
+        m = _manifest(bad)
+        m["n_layers"] = n
+        (bad / MANIFEST).write_text(json.dumps(m))
+        with pytest.raises(ValueError, match=rf"clada\.json is inconsistent: n_layers is {n}, but it lists 2 d_ff "
+                                             r"entries.*--force") as err:
+            OrtCladaModel.from_dir(bad)
+        assert "profile" not in str(err.value)
+
+
 def test_cuda_requested_but_missing(llama_dir):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
@@ -348,3 +363,51 @@ def test_stale_temporaries_of_a_killed_export_are_removed(tmp_path):
     _remove_stale(tmp_path / "out")
     assert not stale.exists() and not old.exists()
     assert live.exists() and other.exists()
+
+
+# ---- the runtime stands alone ---------------------------------------------------------------
+
+# modules of this package (and beyond) that the ONNX Runtime engine must not load: the exporter and
+# the FX tracing/pass stack. torch.export is not listed: a bare `import torch` imports it already.
+FX_STACK = ("clada_compile.tracing", "clada_compile.passes", "clada_compile.compiled", "clada_compile.graphs",
+            "clada_compile.models", "clada_compile.exporters.onnx", "torch.onnx", "torch._dynamo", "transformers")
+
+
+def _loaded_after(code: str) -> list:
+    """The FX_STACK modules in sys.modules after `code` runs in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    probe = f"import json, sys\n{code}\nprint(json.dumps([m for m in {FX_STACK!r} if m in sys.modules]))"
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_ort_engine_loads_no_exporter_or_fx_stack():
+    import subprocess
+    import sys
+
+    bare = subprocess.run([sys.executable, "-c", "import sys, torch; print('torch.export' in sys.modules)"],
+                          capture_output=True, text=True, timeout=300)
+    assert bare.stdout.strip() == "True"  # why torch.export is not in FX_STACK
+    assert _loaded_after("import clada_compile.exporters.ort") == []
+    assert _loaded_after("from clada_compile.exporters import OrtCladaModel, MANIFEST") == []
+
+
+def test_ort_engine_generates_without_the_fx_stack(llama_dir):
+    """Loading an export (with its calibration profile) and generating stays off the FX stack too."""
+    code = ("import torch\nfrom clada_compile.exporters.ort import OrtCladaModel\n"
+            f"e = OrtCladaModel.from_dir({str(llama_dir)!r})\n"
+            "assert e.profile is not None\n"
+            "e.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3)")
+    assert _loaded_after(code) == []
+
+
+def test_memory_is_measured_in_a_fresh_process(llama_dir):
+    from clada_compile.exporters.memory import measure_memory
+
+    mem = measure_memory(llama_dir, prompt_tokens=4, new_tokens=2, threads=1)
+    assert 0 < mem["after_load_mib"] <= mem["peak_rss_mib"]
+    with pytest.raises(RuntimeError, match="memory measurement of .* failed"):
+        measure_memory(llama_dir.parent / "missing")

@@ -22,8 +22,10 @@ Engines (ENGINES):
     hf-static-compile: transformers generate with cache_implementation="static" and its documented
         automatic torch.compile of the decode forward (a CompileConfig; transformers enables it only
         on accelerators unless the config's _compile_all_devices flag is set, which we set for CPU);
-    clada-dense-fp32 / clada-fp32 and clada-dense-bf16 / clada-bf16: optimize() with the default
-        CladaConfig and the model's shipped calibration profile; dense = engine.dense().
+    clada-dense-fp32 / clada-fp32, clada-dense-bf16 / clada-bf16 and clada-dense-int8 / clada-int8:
+        optimize() with the default CladaConfig(precision=...) and the model's shipped calibration
+        profile; dense = engine.dense(). int8 (weight-only, per-output-channel scales) is compared
+        with llama.cpp-q8_0.
 Engines that cannot run (a missing package, no GGUF for an HF directory, an exception while
 building or generating) are reported as skipped with the reason, never measured otherwise.
 
@@ -53,7 +55,6 @@ import contextlib
 import ctypes
 import hashlib
 import inspect
-import json
 import os
 import statistics
 import sys
@@ -65,10 +66,13 @@ from typing import Callable
 
 import torch
 
+from clada_compile.io import atomic_write_json
+
 ENGINES = ("llama.cpp-f32", "llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-gguf", "ort-fp32", "hf-eager",
-           "hf-static-compile", "clada-dense-fp32", "clada-fp32", "clada-dense-bf16", "clada-bf16")
+           "hf-static-compile", "clada-dense-fp32", "clada-fp32", "clada-dense-bf16", "clada-bf16",
+           "clada-dense-int8", "clada-int8")
 # the llama.cpp engine each precision is compared with; q8_0 and the GGUF's own type: with themselves
-REFERENCE = {"fp32": "llama.cpp-f32", "f32": "llama.cpp-f32", "bf16": "llama.cpp-bf16"}
+REFERENCE = {"fp32": "llama.cpp-f32", "f32": "llama.cpp-f32", "bf16": "llama.cpp-bf16", "int8": "llama.cpp-q8_0"}
 LLAMA_FTYPES = {"llama.cpp-f32": ("f32", "LLAMA_FTYPE_ALL_F32"), "llama.cpp-bf16": ("bf16", "LLAMA_FTYPE_MOSTLY_BF16"),
                 "llama.cpp-q8_0": ("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0")}
 INSTALL_HINT = "pip install 'clada_compile[compare]' (builds llama-cpp-python from source, ~10-13 min)"
@@ -106,26 +110,34 @@ class Runner:
 
 
 # ---- weight bytes ---------------------------------------------------------------------------------
-def decode_weight_bytes(model) -> int:
+def decode_weight_bytes(model, int8: bool = False) -> int:
     """Bytes of the parameters a decode step reads: all of them except the input embedding table,
-    plus the lm_head even when it is tied to that table."""
+    plus the lm_head even when it is tied to that table. int8: the 2-D projection weights count one
+    byte per weight plus a float32 scale per output channel (precision="int8")."""
+    def size(p):
+        if int8 and p.dim() == 2:
+            return p.numel() + 4 * p.shape[0]
+        return p.numel() * p.element_size()
+
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            total += p.numel() * p.element_size()
+            total += size(p)
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    total -= emb.numel() * emb.element_size()
+    total -= size(emb)
     if head is not None and head.weight is emb:
-        total += emb.numel() * emb.element_size()
+        total += size(emb)
     return total
 
 
 def mlp_weight_bytes(engine) -> tuple[int, int]:
     """(gate/up bytes, down bytes) of every MLP's full weights and biases (a dense step reads both)."""
     def size(keys):
-        return sum(f[k].numel() * f[k].element_size() for f in engine.full for k in keys if f.get(k) is not None)
+        width = {k: (1 if getattr(engine, "quantized", False) and k.startswith("w_") else None) for k in keys}
+        return sum(f[k].numel() * (width[k] or f[k].element_size()) for f in engine.full for k in keys
+                   if f.get(k) is not None)
 
     return size(("w_in", "b_in", "w_up", "b_up")), size(("w_down",))
 
@@ -306,11 +318,12 @@ class Context:
 
             if precision == "fp32":
                 model, tok = self.base_model
-            else:
-                model, tok = load_model(self.model_path, dtype=precision)
+            else:  # int8 quantizes its model's weights in place: never the shared fp32 one
+                model, tok = load_model(self.model_path, dtype="fp32" if precision == "int8" else precision)
             config = CladaConfig(profile=shipped_profile(self.model_path), precision=precision, backend=self.backend)
             try:
-                self._clada[precision] = (optimize(model, config, tokenizer=tok), decode_weight_bytes(model))
+                engine = optimize(model, config, tokenizer=tok)
+                self._clada[precision] = (engine, decode_weight_bytes(model, int8=precision == "int8"))
             except Exception as err:
                 self._clada[precision] = err
         got = self._clada[precision]
@@ -439,7 +452,7 @@ def _reason(err: BaseException) -> str:
 def _precision_of(name: str) -> str | None:
     if name in LLAMA_FTYPES:
         return LLAMA_FTYPES[name][0]
-    if name.endswith(("-fp32", "-bf16")):
+    if name.endswith(("-fp32", "-bf16", "-int8")):
         return name.rsplit("-", 1)[1]
     return {"hf-eager": "fp32", "hf-static-compile": "fp32"}.get(name)
 
@@ -542,16 +555,7 @@ def format_table(report: dict) -> str:
 
 def write_json(path, report: dict) -> None:
     """Write atomically: a temporary sibling renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_json(path, report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -573,6 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main_compare(argv) -> int:
     args = build_parser().parse_args(argv)
+    from clada_compile.cli.checks import check_input_file, check_output_file
+
+    if args.json:  # before the engines are built (minutes): a bad path is found now
+        check_output_file(args.json, "--json")
+    if args.text:
+        check_input_file(args.text, "--text")
     report = compare(args.model_path, args.engines, args.text, args.prompt_tokens, args.new_tokens, args.rounds,
                      args.threads, args.backend)
     print(format_table(report))

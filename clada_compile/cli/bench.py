@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import sys
@@ -18,7 +17,11 @@ from pathlib import Path
 
 import torch
 
-from clada_compile.cli.common import add_clada_flags, add_model_flags, build_engine, config_from_args, run_cli
+from clada_compile.cli.checks import check_input_file, check_output_file, check_threads
+from clada_compile.cli.common import (add_clada_flags, add_model_flags, build_engine, check_engine_inputs,
+                                      config_from_args, run_cli)
+from clada_compile.bench.plots import require_matplotlib
+from clada_compile.io import atomic_write_json
 
 
 def machine() -> dict:
@@ -47,7 +50,7 @@ def peak_rss_mb() -> float:
 
 def bench_decode(engine, prompt_ids, new_tokens: int, repeats: int):
     """Interleaved dense/CLADA greedy generation; decode tokens/s (prefill excluded) per run."""
-    from clada_compile.timing import time_engines
+    from clada_compile.bench.timing import time_engines
 
     t = time_engines({"dense": (engine, True), "clada": (engine, False)}, prompt_ids, new_tokens, repeats)
     return dict(
@@ -60,7 +63,7 @@ def bench_decode(engine, prompt_ids, new_tokens: int, repeats: int):
 def bench_kernel_ab(engine, prompt_ids, new_tokens: int, repeats: int):
     """The end-to-end effect of the sparse GEMV kernel: dense, CLADA with the masked dense matmul
     (kernel=reference) and CLADA with the kernel (kernel=cpp), same thresholds, interleaved."""
-    from clada_compile.timing import time_engines
+    from clada_compile.bench.timing import time_engines
 
     cfg = engine.config
     engines = {"dense": (engine, True), "kernel_off": (engine.with_config(cfg.replace(kernel="reference")), False),
@@ -76,12 +79,15 @@ def main_kernels(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from clada_compile.kernels.bench import format_table, run_kernel_bench
+    check_threads(args.threads)
+    if args.json:
+        check_output_file(args.json, "--json")
+    from clada_compile.bench.kernels import format_table, run_kernel_bench
 
     rows = run_kernel_bench(threads=args.threads)
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(machine=machine(), rows=rows), indent=2))
+        atomic_write_json(args.json, dict(machine=machine(), rows=rows))
     return 0
 
 
@@ -131,6 +137,8 @@ def main_impl(argv=None):
         raise ValueError("--sweep runs on the torch backends (inductor, eager); measure ORT points with --backend ort")
     if args.sweep and not args.text:
         raise ValueError("--sweep needs --text FILE to score perplexity on (e.g. data/wikitext-2/valid.txt)")
+    _check_before_loading(args, config)
+    points = _sweep_points(args, config) if args.sweep else None
     engine, tok = build_engine(args, config)
     if args.text:
         from clada_compile.data import load_text_tokens
@@ -142,7 +150,7 @@ def main_impl(argv=None):
     if ids.shape[1] < args.prompt_len:
         raise ValueError(f"the prompt text has only {ids.shape[1]} tokens, fewer than --prompt_len {args.prompt_len}")
     if args.sweep:
-        return _sweep(args, config, engine, tok, ids)
+        return _sweep(args, engine, tok, ids, points)
     if args.kernel_ab:
         return _kernel_ab(args, config, engine, ids)
     if args.profile_decode:
@@ -157,14 +165,29 @@ def main_impl(argv=None):
     print(f"(median of {args.repeats} interleaved runs, {args.prompt_len} prompt + {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads; process peak RSS {report['peak_rss_mb']:.0f} MB)")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        atomic_write_json(args.json, report)
         print(f"wrote {args.json}")
     return 0
 
 
-def _kernel_ab(args, config, engine, ids):
-    if not config.uses_threshold:
+def _check_before_loading(args, config) -> None:
+    """Every flag and path the run will use, checked before the model loads (~40 s)."""
+    for flag in ("prompt_len", "new_tokens", "repeats"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.text:
+        check_input_file(args.text, "--text")
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.sweep:
+        check_output_file(args.json or "sweep.json", "--json")
+        require_matplotlib("clada-bench --sweep")
+    if args.kernel_ab and not config.uses_threshold:
         raise ValueError("--kernel_ab compares the per-token threshold kernel: give a profile and --target_active < 1")
+    check_engine_inputs(args, config)
+
+
+def _kernel_ab(args, config, engine, ids):
     res = bench_kernel_ab(engine, ids, args.new_tokens, args.repeats)
     print("| decode | tok/s | vs dense | active frac. |\n|---|---|---|---|")
     for name, r in res.items():
@@ -172,16 +195,15 @@ def _kernel_ab(args, config, engine, ids):
     print(f"(median of {args.repeats} interleaved runs, {args.prompt_len} prompt + {args.new_tokens} new tokens, "
           f"{args.backend}, {torch.get_num_threads()} threads)")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(machine=machine(), model=args.model_path, backend=args.backend,
-                                                   prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                                   repeats=args.repeats, config=config.__dict__, results=res),
-                                              indent=2, default=str))
+        atomic_write_json(args.json, dict(machine=machine(), model=args.model_path, backend=args.backend,
+                                          prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                          repeats=args.repeats, config=config.__dict__, results=res))
         print(f"wrote {args.json}")
     return 0
 
 
 def _profile_decode(args, engine, ids):
-    from clada_compile.timing import decode_profile
+    from clada_compile.bench.timing import decode_profile
 
     rows = {"dense": decode_profile(engine, ids, args.new_tokens, baseline=True),
             "clada": decode_profile(engine, ids, args.new_tokens)}
@@ -195,8 +217,8 @@ def _profile_decode(args, engine, ids):
     print(f"({args.backend}, {args.prompt_len} prompt tokens, {args.new_tokens} profiled steps, "
           f"{torch.get_num_threads()} threads; profiler overhead included)")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(machine=machine(), model=args.model_path, backend=args.backend,
-                                                   prompt_len=args.prompt_len, results=rows), indent=2))
+        atomic_write_json(args.json, dict(machine=machine(), model=args.model_path, backend=args.backend,
+                                          prompt_len=args.prompt_len, results=rows))
     return 0
 
 
@@ -207,14 +229,20 @@ def _floats(text: str, flag: str):
         raise ValueError(f"`{flag}` must be comma-separated numbers, got {text!r}") from None
 
 
-def _sweep(args, config, engine, tok, ids):
+def _sweep_points(args, config):
+    """The sweep's grid, built (and so checked: methods, numbers, profile) before the model loads."""
+    from clada_compile.bench.sweep import sweep_points
+
+    return sweep_points(args.sweep_methods.split(","), _floats(args.sweep_top_k, "--sweep_top_k"),
+                        _floats(args.sweep_targets, "--sweep_targets"), args.backend, config.kernel, config.profile,
+                        _floats(args.sweep_inputs, "--sweep_inputs"))
+
+
+def _sweep(args, engine, tok, ids, points):
+    from clada_compile.bench.sweep import frontier_table, plot_sweep, run_sweep
     from clada_compile.data import load_text_tokens
     from clada_compile.evaluate import windows
-    from clada_compile.sweep import frontier_table, plot_sweep, run_sweep, sweep_points
 
-    points = sweep_points(args.sweep_methods.split(","), _floats(args.sweep_top_k, "--sweep_top_k"),
-                          _floats(args.sweep_targets, "--sweep_targets"), args.backend, config.kernel, config.profile,
-                          _floats(args.sweep_inputs, "--sweep_inputs"))
     span = args.prompt_tokens + args.continuation_tokens
     text_ids = load_text_tokens(args.text, tok, max(args.windows * span * 4, 200_000))
     start = args.start_token if text_ids.numel() - args.start_token >= span else 0
@@ -228,7 +256,7 @@ def _sweep(args, config, engine, tok, ids):
     report = dict(machine=machine(), model=args.model_path, backend=args.backend, text=args.text, windows=len(wins),
                   prompt_tokens=args.prompt_tokens, continuation_tokens=args.continuation_tokens,
                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, **res)
-    out.write_text(json.dumps(report, indent=2, default=str))
+    atomic_write_json(out, report)
     plot_sweep(res, out.with_suffix(".png"), title=f"{args.model_path}, {args.backend}: speedup vs perplexity, bars = slowest..fastest run "
                f"({len(wins)}x{args.continuation_tokens} tokens)")
     print(f"wrote {out} and {out.with_suffix('.png')}")

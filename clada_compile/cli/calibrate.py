@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from clada_compile.cli.checks import check_input_file, check_model, check_output_file
 from clada_compile.cli.common import parse_fractions, run_cli
 
 
@@ -32,6 +33,7 @@ def main_impl(argv=None):
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
     inputs = parse_inputs(args.inputs)
+    _check_before_loading(args)
 
     from clada_compile import CladaConfig, load_model, optimize
     from clada_compile.calibrate import calibrate, save_profile
@@ -51,6 +53,18 @@ def main_impl(argv=None):
         print(f"{group}: keeps {part['target_active']:.2f} of its input channels in every layer")
     print(f"wrote {out}")
     return 0
+
+
+def _check_before_loading(args) -> None:
+    """Every flag and path the run will use, checked before the model loads and calibrates."""
+    for flag in ("tokens", "window"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0 < args.target_active <= 1:
+        raise ValueError(f"--target_active must be in (0, 1], got {args.target_active}")
+    check_input_file(args.text, "--text")
+    check_output_file(args.output, "--output")
+    check_model(args.model_path)
 
 
 def parse_inputs(text: str) -> dict:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
+
+from clada_compile.bench.plots import MissingExtraError
 
 
 def add_model_flags(p: argparse.ArgumentParser):
@@ -13,7 +16,8 @@ def add_model_flags(p: argparse.ArgumentParser):
                    help="smollm2 | gemma3-270m | qwen2.5-coder-0.5b | file.gguf | HF directory")
     p.add_argument("--backend", default="inductor", choices=["inductor", "eager", "ort"])
     p.add_argument("--onnx_dir", default=None, help="clada-export --onnx output (for --backend ort)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
+                   help="weights of the decode projections; int8: weight-only, per output channel (torch backends)")
     p.add_argument("--low_memory_mode", action="store_true", help="bf16 weights (torch backends; for ORT use clada-export --low_memory_mode)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
 
@@ -60,6 +64,12 @@ def config_from_args(args, **extra):
     if args.low_memory_mode and args.backend == "ort":
         raise ValueError("--low_memory_mode does nothing at run time with --backend ort: the export decides the "
                          "weights' precision; export with `clada-export --onnx --low_memory_mode` instead")
+    if getattr(args, "backend", None) == "ort" and args.precision != "fp32":
+        raise ValueError(f"--precision {args.precision} does nothing at run time with --backend ort: the export "
+                         "decides the weights' precision; export with `clada-export --onnx --precision ...` instead")
+    if args.low_memory_mode and args.precision not in ("fp32", "bf16"):
+        raise ValueError(f"--low_memory_mode means bf16 weights, which contradicts --precision {args.precision}; "
+                         "pass one of them")
     kw["precision"] = "bf16" if args.low_memory_mode and args.precision == "fp32" else args.precision
     kw.update(extra)
     return CladaConfig(**kw)
@@ -92,17 +102,33 @@ def build_engine(args, config):
         return engine, engine.tokenizer
     from clada_compile import load_model, optimize
 
-    model, tok = load_model(args.model_path, dtype=config.precision)
+    model, tok = load_model(args.model_path, dtype="fp32" if config.precision == "int8" else config.precision)
     engine = optimize(model, config, tokenizer=tok)
     print(engine.rewrite_summary(), file=sys.stderr)
     return engine, tok
+
+
+def check_engine_inputs(args, config) -> None:
+    """Before build_engine: the model (or the ORT export) and the profile exist and are usable."""
+    from clada_compile.cli.checks import check_model, check_profile, check_threads
+
+    check_threads(args.threads)
+    if args.backend == "ort":
+        if not args.onnx_dir:
+            raise ValueError("--backend ort needs --onnx_dir DIR (make one with: clada-export --onnx --output DIR)")
+        if not Path(args.onnx_dir).is_dir():
+            raise FileNotFoundError(f"--onnx_dir {args.onnx_dir} is not a directory "
+                                    f"(make one with: clada-export --onnx --output {args.onnx_dir})")
+    else:
+        check_model(args.model_path)
+    check_profile(config.profile)
 
 
 def run_cli(fn, argv=None):
     """Turn the errors users cause into one clear line instead of a traceback."""
     try:
         return fn(argv)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, MissingExtraError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 
+from clada_compile.cli.checks import check_model, check_output_dir, check_profile, check_threads
 from clada_compile.cli.common import add_clada_flags, run_cli
 
 
@@ -108,6 +109,9 @@ def main_impl(argv=None):
     from clada_compile import CladaConfig
     from clada_compile.exporters.onnx import DEFAULT_OPSET, ExportValidationError, export_onnx
 
+    check_threads(args.threads)
+    if args.block_size < 1:
+        raise ValueError(f"--block_size must be >= 1, got {args.block_size}")
     if args.threads:
         torch.set_num_threads(args.threads)
     fields = ("top_k_ratio", "min_active_neurons", "surprisal_threshold", "entropy_threshold", "update_window",
@@ -122,6 +126,10 @@ def main_impl(argv=None):
     config = CladaConfig(precision=args.precision, **kw)
     t0 = time.perf_counter()
     try:
+        # before the ~40 s of loading and tracing: the output, the model and the profile are usable
+        check_output_dir(args.output, "--output", args.force)
+        check_model(args.model_path)
+        check_profile(config.profile)
         out = export_onnx(args.model_path, args.output, config=config, opset=args.opset or DEFAULT_OPSET,
                           precision=args.precision, low_memory=args.low_memory_mode, force=args.force,
                           low_memory_bits=args.low_memory_bits, block_size=args.block_size, dense=args.dense,

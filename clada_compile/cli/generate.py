@@ -2,6 +2,10 @@
 
     clada-generate --data_path data/prompts.jsonl --num_prompts 3 --compare_with_baseline
     clada-generate --prompt "The history of" --max_new_tokens 64 --verbose
+
+Writes summary.json, tokens_<prompt>_<mode>.jsonl and trace_<prompt>.png (with matplotlib:
+pip install 'clada_compile[bench]') into --output_dir, atomically: a run appears whole or not at
+all. An existing, non-empty --output_dir is refused unless --force replaces it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from clada_compile.cli.common import add_clada_flags, add_model_flags, build_engine, config_from_args, run_cli
+from clada_compile.bench.plots import INSTALL_HINT, have_matplotlib, plot_trace
+from clada_compile.cli.checks import check_output_dir
+from clada_compile.cli.common import (add_clada_flags, add_model_flags, build_engine, check_engine_inputs,
+                                      config_from_args, run_cli)
+from clada_compile.exporters.publish import staged
+from clada_compile.io import atomic_write_json
 
 
 def parser():
@@ -34,7 +43,9 @@ def parser():
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--baseline_run", action="store_true", help="run only the dense model")
     p.add_argument("--compare_with_baseline", action="store_true", help="run dense and CLADA, print a table")
-    p.add_argument("--output_dir", default="clada_output")
+    p.add_argument("--output_dir", default="clada_output",
+                   help="written atomically; refused if it exists and is not empty, unless --force")
+    p.add_argument("--force", action="store_true", help="replace an existing, non-empty --output_dir")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -61,24 +72,50 @@ def _prompts(args):
     return load_prompts(args.data_path, args.prompt_field, args.num_prompts)
 
 
+def _check_numbers(args) -> None:
+    """The generation flags, checked before the model loads (generate() would say so only after)."""
+    for flag, value in (("--max_new_tokens", args.max_new_tokens), ("--max_prompt_tokens", args.max_prompt_tokens)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
+
+
 def main_impl(argv=None):
     args = parser().parse_args(argv)
     config = config_from_args(args)
     prompts = _prompts(args)
+    _check_numbers(args)
+    out_dir = check_output_dir(args.output_dir, "--output_dir", args.force)
+    check_engine_inputs(args, config)
     engine, tok = build_engine(args, config)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # the run is written into a hidden sibling and renamed at the end (stale siblings of killed runs
+    # are removed): --output_dir never mixes two runs' files, and a crash leaves no directory
+    # without its summary.json
+    with staged(out_dir.absolute(), args.force) as tmp:
+        rows, modes, plots = _run(args, config, engine, tok, prompts, tmp)
+    print(table(rows, modes))
+    print(f"\nwrote {out_dir}/summary.json, tokens_*.jsonl" + (", trace_*.png" if plots else ""))
+    return 0
+
+
+def _run(args, config, engine, tok, prompts, out_dir: Path):
+    """Generate every prompt in every mode; write tokens_*, trace_* and summary.json into out_dir.
+    Returns (rows, modes, whether trace PNGs were drawn)."""
     gen_kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                   temperature=args.temperature or 1.0, top_p=args.top_p, eos_token_id=tok.eos_token_id)
     modes = ["dense"] if args.baseline_run else (["dense", "clada"] if args.compare_with_baseline else ["clada"])
+    plots = "clada" in modes and have_matplotlib()
+    if "clada" in modes and not plots:  # the traces are a by-product: skip them, keep the run
+        print(f"note: no trace_*.png: matplotlib is not installed ({INSTALL_HINT})", file=sys.stderr)
     encoded = [tok(p, return_tensors="pt", add_special_tokens=False).input_ids[:, -args.max_prompt_tokens:] for p in prompts]
     # warm-up (compilation) on the first prompt, excluded from every figure
     for mode in modes:
         engine.generate(encoded[0], max_new_tokens=min(4, args.max_new_tokens), baseline=mode == "dense",
                         eos_token_id=None)
     rows = []
-    from clada_compile.plots import plot_trace
-
     for i, ids in enumerate(tqdm(encoded, desc="prompts")):
         res = {}
         for mode in modes:  # interleaved: dense then CLADA on the same prompt
@@ -94,7 +131,7 @@ def main_impl(argv=None):
             with open(out_dir / f"tokens_{i}_{mode}.jsonl", "w") as f:
                 for r in o.records:
                     f.write(json.dumps(r) + "\n")
-            if mode == "clada":
+            if mode == "clada" and plots:
                 plot_trace(o.records, out_dir / f"trace_{i}.png", title=f"prompt {i}: {prompts[i][:80]}")
             if args.verbose:
                 print(f"\n[{mode} #{i}] {row[mode]['text']}")
@@ -113,10 +150,8 @@ def main_impl(argv=None):
         summary["mean_token_agreement"] = statistics.mean(r["token_agreement"] for r in rows)
     if "clada" in modes:
         summary["mean_active_fraction"] = statistics.mean(r["clada"]["mean_active_fraction"] for r in rows)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(table(rows, modes))
-    print(f"\nwrote {out_dir}/summary.json, tokens_*.jsonl" + (", trace_*.png" if "clada" in modes else ""))
-    return 0
+    atomic_write_json(out_dir / "summary.json", summary)
+    return rows, modes, plots
 
 
 def _median_speedup(rows):

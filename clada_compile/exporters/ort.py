@@ -1,8 +1,9 @@
 """OrtCladaModel: the CLADA engine on ONNX Runtime, over a directory written by export_onnx.
 
-It offers the engine interface of compiled.CladaModel (config, tokenizer, n_layers, d_ff, k, taus,
-active, set_thresholds, set_active, select, prefill, decode, dense, generate, __call__), so
-runtime.generate drives both. Tensors at this interface are torch tensors.
+It implements the engine contract (engine.Engine: prefill, decode and weight compaction; the
+rest is shared with the torch engine compiled.CladaModel), so runtime.generate drives both.
+Tensors at this interface are torch tensors. This module imports neither the exporter nor the FX
+stack (tracing, passes, compiled): a deployment needs torch, onnxruntime and the export only.
 
 Device residency (IOBinding):
 - the compacted MLP weights (decode inputs `clada.L.*`) live in buffers this object owns and are
@@ -17,20 +18,17 @@ Device residency (IOBinding):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..compiled import check_indices, check_input_taus, check_taus, position_ids_from_mask
-from ..config import INPUT_GROUPS
 from ..config import CladaConfig
-from .onnx import FILES, read_manifest
+from ..engine import Engine, position_ids_from_mask
+from .manifest import FILES, MANIFEST, read_manifest, reexport_hint
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bfloat16: None}
 _TORCH = {"float32": torch.float32, "float16": torch.float16}
-_REEXPORT = "re-export with `clada-export --onnx --model_path {model} --output {dir} --force`"
 
 
 def _check_providers(providers):
@@ -60,7 +58,7 @@ def _check_providers(providers):
 def _session(file: Path, options, providers, manifest, directory):
     import onnxruntime as ort
 
-    hint = _REEXPORT.format(model=manifest.get("model", "MODEL"), dir=directory)
+    hint = reexport_hint(manifest, directory)
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: the export in {directory} is incomplete; {hint}")
     try:
@@ -89,7 +87,7 @@ class _Shared:
         self.full, self.dtype, self.device, self.tokenizer = full, dtype, device, tokenizer
 
 
-class OrtCladaModel:
+class OrtCladaModel(Engine):
     """ONNX Runtime engine; build it with OrtCladaModel.from_dir(export_dir)."""
 
     def __init__(self, shared: _Shared, config: CladaConfig):
@@ -97,18 +95,17 @@ class OrtCladaModel:
         self._shared = shared
         self.path = shared.path
         self.manifest = m
-        self.config = config
         self.tokenizer = shared.tokenizer
         self.n_layers = int(m["n_layers"])
-        self.d_ff = [int(d) for d in m["d_ff"]]
+        self._init_engine(config, m["d_ff"])
         self.d_model = int(m["d_model"])
         self.context_length = m.get("context_length")
         self.vocab_size = m.get("vocab_size")
+        # layers whose attention inputs the exported decode graph thresholds
+        self.attention_layers = list(m.get("attention_layers", []))
         self.device = shared.device
         self.dtype = shared.dtype
         self.full = shared.full
-        self.profile = None
-        self._dense = None
         # like CladaModel: the per-token threshold only runs when config.uses_threshold (a profile
         # and target_active < 1); otherwise decode gets tau = 0, i.e. exactly the compacted backbone
         self.impl = "dense" if not config.enabled or not config.uses_threshold else "masked"
@@ -116,11 +113,7 @@ class OrtCladaModel:
             raise ValueError(f"{shared.path} was exported with dense=True (no threshold mask in decode.onnx), but the "
                              f"config thresholds with a profile (target_active={config.target_active}, sparsify={config.sparsify}); "
                              f"re-export without --dense")
-        self._zero_taus = torch.zeros(int(m["n_layers"]), dtype=torch.float32)
-        ratio = config.top_k_ratio if config.enabled else 1.0
-        self.k = [min(d, max(config.min_active_neurons, round(ratio * d))) for d in self.d_ff]
-        self.taus = torch.zeros(self.n_layers, dtype=torch.float32)
-        self.input_taus = torch.zeros(len(INPUT_GROUPS), self.n_layers, dtype=torch.float32)
+        self._zero_taus = torch.zeros_like(self.taus)
         self._zero_input_taus = torch.zeros_like(self.input_taus)
         self.prefill_inputs = list(m["prefill"]["inputs"])
         self.prefill_outputs = list(m["prefill"]["outputs"])
@@ -140,9 +133,8 @@ class OrtCladaModel:
             self._device_buffers = [
                 {key: ort.OrtValue.ortvalue_from_shape_and_type(tuple(t.shape), _NP[self.dtype], "cuda", 0)
                  for key, t in buf.items()} for buf in self.compact]
-        self.active = [None] * self.n_layers
         for layer in range(self.n_layers):
-            self._fill(layer, torch.arange(self.k[layer]))
+            self.set_active(layer, torch.arange(self.k[layer]))
         self._decode_io = shared.decode.io_binding()
         for name in self.decode_inputs:
             if name.startswith("clada.") and name.count(".") == 2:
@@ -189,12 +181,12 @@ class OrtCladaModel:
         files = {**FILES, **manifest.get("files", {})}
         pre = _session(path / files["prefill"], opts, providers, manifest, path)
         dec = _session(path / files["decode"], opts, providers, manifest, path)
-        hint = _REEXPORT.format(model=manifest.get("model", "MODEL"), dir=path)
+        hint = reexport_hint(manifest, path)
         for phase, sess in (("prefill", pre), ("decode", dec)):
             got_in = [i.name for i in sess.get_inputs()]
             got_out = [o.name for o in sess.get_outputs()]
             if got_in != manifest[phase]["inputs"] or got_out != manifest[phase]["outputs"]:
-                raise ValueError(f"{path / files[phase]}: its inputs/outputs do not match {path / 'clada.json'}; {hint}")
+                raise ValueError(f"{path / files[phase]}: its inputs/outputs do not match {path / MANIFEST}; {hint}")
         wfile = path / files["mlp_weights"]
         if not wfile.is_file():
             raise FileNotFoundError(f"{wfile} not found: the export in {path} is incomplete; {hint}")
@@ -230,9 +222,7 @@ class OrtCladaModel:
             prof = files.get("profile")
             prof = str(path / prof) if prof and (path / prof).is_file() else None
             config = CladaConfig(profile=prof, **{k: v for k, v in manifest.get("config", {}).items() if k in known})
-        elif not isinstance(config, CladaConfig):
-            raise TypeError(f"`config` must be a CladaConfig, got {type(config).__name__}")
-        engine = cls(shared, config)
+        engine = cls(shared, config)  # Engine checks that `config` is a CladaConfig
         engine._apply_profile()
         return engine
 
@@ -242,36 +232,11 @@ class OrtCladaModel:
 
             apply_profile(self, self.config.profile)  # sets the base thresholds, like optimize()
 
-    def dense(self) -> "OrtCladaModel":
-        """The dense model through the same sessions (the baseline), built once."""
-        if not self.config.enabled:
-            return self
-        if self._dense is None:
-            self._dense = OrtCladaModel(self._shared, self.config.replace(enabled=False))
-        return self._dense
+    # ---- Engine: the dense twin and weight compaction ----------------------------------------
+    def _make_dense(self) -> "OrtCladaModel":
+        return OrtCladaModel(self._shared, self.config.replace(enabled=False))  # same sessions
 
-    # ---- host-side state -------------------------------------------------------------------
-    @torch.no_grad()
-    def set_thresholds(self, taus) -> None:
-        self.taus.copy_(check_taus(taus, self.n_layers))  # in place: the bound buffer keeps its address
-
-    @torch.no_grad()
-    def set_input_thresholds(self, taus) -> None:
-        """(len(INPUT_GROUPS), n_layers) thresholds of the MLP and attention inputs."""
-        self.input_taus.copy_(check_input_taus(taus, self.n_layers))
-
-    @property
-    def attention_layers(self) -> list:
-        """Layers whose attention inputs the exported decode graph thresholds."""
-        return list(self.manifest.get("attention_layers", []))
-
-    @torch.no_grad()
-    def set_active(self, layer: int, indices) -> None:
-        """Make `indices` (k neuron ids of layer `layer`) the active set: compact weights in place."""
-        idx = check_indices(indices, layer, self.k[layer], self.d_ff[layer])
-        self._fill(layer, idx)
-
-    def _fill(self, layer, idx) -> None:
+    def _compact(self, layer: int, idx: torch.Tensor) -> None:
         f, buf = self.full[layer], self.compact[layer]
         for key, t in buf.items():
             if t is f[key]:
@@ -283,17 +248,6 @@ class OrtCladaModel:
         if self._device_buffers is not None:
             for key, t in buf.items():
                 self._device_buffers[layer][key].update_inplace(t.numpy())
-        self.active[layer] = idx
-
-    def select(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Top-k neurons per layer from Griffin scores (B, d_ff); a batch shares one active set
-        chosen from the sum of its sequences' scores."""
-        chosen = []
-        for layer, s in enumerate(scores):
-            s = torch.as_tensor(s).float().reshape(-1, self.d_ff[layer]).sum(0)
-            self.set_active(layer, torch.topk(s, self.k[layer]).indices)
-            chosen.append(self.active[layer])
-        return chosen
 
     # ---- binding ---------------------------------------------------------------------------
     def _weight(self, layer: int, key: str):
@@ -340,29 +294,30 @@ class OrtCladaModel:
     def prefill(self, input_ids, attention_mask=None, taus=None, score_mask=None):
         """Full-weight pass over a prompt -> (logits, presents, scores per layer)."""
         input_ids = self._host(input_ids)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else self._host(attention_mask)
-        pos = position_ids_from_mask(attention_mask, input_ids.shape[1]).contiguous()
-        taus = self.taus if taus is None else self._host(taus, torch.float32)
-        score_mask = attention_mask if score_mask is None else self._host(score_mask)
-        values = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": pos,
-                  "clada.tau": taus, "clada.score_mask": score_mask}
+        attention_mask = None if attention_mask is None else self._host(attention_mask)
+        taus = None if taus is None else self._host(taus, torch.float32)
+        score_mask = None if score_mask is None else self._host(score_mask)
+        values = self._prefill_feeds(input_ids, attention_mask, taus, score_mask)
         feeds = {name: values[name] for name in self.prefill_inputs}
         presents = {n for n in self.prefill_outputs if n.startswith("present.")}
         sess = self._shared.prefill
-        out = self._run(sess, sess.io_binding(), feeds, self.prefill_outputs, presents)
-        n = self.n_layers
-        return out[0], list(out[1:1 + 2 * n]), list(out[1 + 2 * n:])
+        return self._split_outputs(self._run(sess, sess.io_binding(), feeds, self.prefill_outputs, presents))
 
-    def decode(self, input_ids, attention_mask, past, with_active=False):
-        """Compacted-weight step(s) on top of a KV cache -> (logits, presents[, kept per layer])."""
+    def decode(self, input_ids, attention_mask, past, with_active=False, taus=None, input_taus=None):
+        """Compacted-weight step(s) on top of a KV cache -> (logits, presents[, kept per layer]).
+
+        The exported decode graph takes one threshold per layer (per_token_thresholds is False):
+        `taus`/`input_taus` must be None (the engine's current thresholds)."""
+        if taus is not None or input_taus is not None:
+            raise ValueError("the ONNX decode graph takes one threshold per layer, not per token: pass taus=None and "
+                             "input_taus=None (set them with set_thresholds / set_input_thresholds), or score "
+                             "with scorer='sequential'")
+        self._check_past(past)
         input_ids = self._host(input_ids)
         attention_mask = self._host(attention_mask)
         pos = position_ids_from_mask(attention_mask, input_ids.shape[1]).contiguous()
-        n = self.n_layers
-        if len(past) != 2 * n:
-            raise ValueError(f"`past` must hold {2 * n} tensors (key and value per layer), got {len(past)}")
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": pos}
-        for i in range(n):
+        for i in range(self.n_layers):
             feeds[f"past_key_values.{i}.key"] = past[2 * i]
             feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
         feeds["clada.tau"] = self.taus if self.impl == "masked" else self._zero_taus
@@ -370,27 +325,19 @@ class OrtCladaModel:
             feeds["clada.tau_in"] = self.input_taus if self.impl == "masked" else self._zero_input_taus
         presents = {x for x in self.decode_outputs if x.startswith("present.")}
         out = self._run(self._shared.decode, self._decode_io, feeds, self.decode_outputs, presents)
-        logits, new = out[0], list(out[1:1 + 2 * n])
+        logits, new, kept = self._split_outputs(out)
         if with_active:
-            return logits, new, torch.stack([t.reshape(()).float() for t in out[1 + 2 * n:]])
+            return logits, new, self._kept(kept)
         return logits, new
-
-    def forward(self, input_ids, attention_mask=None):
-        """Logits through the prefill graph with the current thresholds."""
-        return self.prefill(input_ids, attention_mask)[0]
-
-    __call__ = forward
 
     def generate(self, input_ids, **kwargs):
         """runtime.generate on this engine. torch runs single-threaded meanwhile: its host-side ops
         are tiny, and idle OpenMP workers spin-waiting between steps would take the cores ORT's
         threads need (measured on 2 cores: 9.6 -> 16.5 decode tokens/s for smollm2)."""
-        from ..runtime import generate
-
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return generate(self, input_ids, **kwargs)
+            return super().generate(input_ids, **kwargs)
         finally:
             torch.set_num_threads(threads)
 
@@ -404,29 +351,3 @@ class OrtCladaModel:
                 f"MLPs: {', '.join(kinds)}; d_ff={self.d_ff[0]}, k={self.k[0]}, decode impl={self.impl}, "
                 f"provider={prov}")
 
-
-def measure_memory(path, prompt_tokens: int = 128, new_tokens: int = 16, threads: int | None = None) -> dict:
-    """Peak RSS (MiB) of a fresh process that loads `path` and runs a prefill and decode steps."""
-    import subprocess
-    import sys
-
-    code = (
-        "import json, torch\n"
-        "def hwm():\n"
-        "    # VmHWM: this process's own peak (ru_maxrss would include the parent's, inherited at fork)\n"
-        "    for line in open('/proc/self/status'):\n"
-        "        if line.startswith('VmHWM:'):\n"
-        "            return int(line.split()[1]) / 1024\n"
-        "    import resource\n"
-        "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "from clada_compile.exporters.ort import OrtCladaModel\n"
-        f"e = OrtCladaModel.from_dir({str(path)!r}, threads={threads!r})\n"
-        "after_load = hwm()\n"
-        f"ids = torch.randint(0, {int(read_manifest(path)['vocab_size'])}, (1, {prompt_tokens}))\n"
-        f"out = e.generate(ids, max_new_tokens={new_tokens})\n"
-        "print(json.dumps({'peak_rss_mib': hwm(), 'after_load_mib': after_load}))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"memory measurement of {path} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])

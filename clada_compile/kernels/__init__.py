@@ -59,7 +59,9 @@ __all__ = [
     "KernelUnavailableError",
     "load_cpu_extension",
     "reference_sparse_gemv_t",
+    "reference_sparse_gemv_t_q8",
     "sparse_gemv_t",
+    "sparse_gemv_t_q8",
 ]
 
 _SOURCE = Path(__file__).with_name("sparse_gemv.cpp")
@@ -244,6 +246,59 @@ def sparse_gemv_t(x: torch.Tensor, wt: torch.Tensor, tau: torch.Tensor) -> torch
     Dispatch as in the module docstring. Inference only (no autograd formula).
     """
     return _sparse_gemv_t_op(x, wt, tau)
+
+
+# ---- int8 weights ---------------------------------------------------------------------------
+# clada::sparse_gemv_t_q8(x, wq, scale, tau) = where(|x| >= tau, x, 0) @ wq.float() * scale:
+# weight-only int8, one float32 scale per OUTPUT column (quantize.py says why that layout). x is
+# float32, the result float32. Dispatch like sparse_gemv_t: one row on CPU -> the C++ kernel
+# (same row skipping, a quarter of the fp32 bytes); anything else -> the dequantized reference.
+torch.library.define("clada::sparse_gemv_t_q8", "(Tensor x, Tensor wq, Tensor scale, Tensor tau) -> Tensor")
+
+
+def reference_sparse_gemv_t_q8(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Pure-torch reference: ``(where(|x| >= tau, x, 0) @ wq.float()) * scale``."""
+    return (torch.where(x.abs() >= tau, x, 0) @ wq.to(x.dtype)) * scale
+
+
+def _check_inputs_q8(x, wq, scale, tau) -> None:
+    if wq.dim() != 2 or wq.dtype != torch.int8:
+        raise ValueError(f"`wq` must be a 2-D int8 tensor (K, N), got dtype {wq.dtype} shape {tuple(wq.shape)}")
+    if x.dim() < 1 or x.shape[-1] != wq.shape[0]:
+        raise ValueError(f"`x` last dim must equal `wq` rows (K): got x shape {tuple(x.shape)}, wq shape {tuple(wq.shape)}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"`x` must be float32 for int8 weights, got {x.dtype}")
+    if scale.dtype != torch.float32 or scale.dim() != 1 or scale.shape[0] != wq.shape[1]:
+        raise ValueError(f"`scale` must be float32 of shape (N,) = ({wq.shape[1]},), got dtype {scale.dtype} "
+                         f"shape {tuple(scale.shape)}")
+    if tau.dtype != torch.float32 or tau.numel() != 1 or tau.dim() > 1:
+        raise ValueError("`tau` must be a 1-element float32 tensor (0-dim or shape (1,)), got "
+                         f"dtype {tau.dtype} shape {tuple(tau.shape)}")
+    if not (x.device == wq.device == scale.device):
+        raise ValueError(f"`x`, `wq` and `scale` must be on one device, got {x.device}, {wq.device} and {scale.device}")
+
+
+def _sparse_gemv_t_q8_impl(x, wq, scale, tau):
+    _check_inputs_q8(x, wq, scale, tau)
+    if math.prod(x.shape[:-1]) == 1 and x.device.type == "cpu":
+        load_cpu_extension()  # registers the C++ CPU implementation too; later calls skip this layer
+        return torch.ops.clada_cpu.sparse_gemv_t_q8_cpu(x, wq, scale, tau.cpu())
+    return reference_sparse_gemv_t_q8(x, wq, scale, tau.to(x.device))
+
+
+def _sparse_gemv_t_q8_fake(x, wq, scale, tau):
+    _check_inputs_q8(x, wq, scale, tau)
+    return x.new_empty((*x.shape[:-1], wq.shape[1]))
+
+
+torch.library.impl("clada::sparse_gemv_t_q8", "CompositeExplicitAutograd", _sparse_gemv_t_q8_impl)
+torch.library.register_fake("clada::sparse_gemv_t_q8", _sparse_gemv_t_q8_fake)
+_sparse_gemv_t_q8_op = torch.ops.clada.sparse_gemv_t_q8.default
+
+
+def sparse_gemv_t_q8(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``where(|x| >= tau, x, 0) @ wq.float() * scale`` via ``torch.ops.clada.sparse_gemv_t_q8``."""
+    return _sparse_gemv_t_q8_op(x, wq, scale, tau)
 
 
 def weight_bytes_read() -> int | None:

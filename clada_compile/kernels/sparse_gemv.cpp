@@ -223,6 +223,66 @@ inline void unsplit_tiles(float* acc, int64_t N) {
 }
 #endif
 
+// int8 rows (weight-only int8, per-output-channel scales applied once to the summed output in
+// gemv_split_rows): each weight is sign-extended and converted to fp32 before its FMA, so the
+// products and sums are fp32 exactly as for float weights, over a quarter of the fp32 bytes.
+// AVX-512: 16 columns = one 16-byte load (vpmovsxbd) + vcvtdq2ps + one FMA; four accumulators
+// per pass like the fp32 loop. Elsewhere the vector extensions' convert (same arithmetic).
+template <int G>
+inline void accumulate_rows_q8(float* __restrict acc, int64_t n, const int8_t* const* rows,
+                               const float* vals) {
+  const int8_t* r[G];
+  for (int g = 0; g < G; ++g) r[g] = rows[g];
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  __m512 v[G];
+  for (int g = 0; g < G; ++g) v[g] = _mm512_set1_ps(vals[g]);
+  auto widen = [](const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  };
+  for (; c + 64 <= n; c += 64) {
+    __m512 a0 = _mm512_loadu_ps(acc + c);
+    __m512 a1 = _mm512_loadu_ps(acc + c + 16);
+    __m512 a2 = _mm512_loadu_ps(acc + c + 32);
+    __m512 a3 = _mm512_loadu_ps(acc + c + 48);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      a0 = _mm512_fmadd_ps(v[g], widen(r[g] + c), a0);
+      a1 = _mm512_fmadd_ps(v[g], widen(r[g] + c + 16), a1);
+      a2 = _mm512_fmadd_ps(v[g], widen(r[g] + c + 32), a2);
+      a3 = _mm512_fmadd_ps(v[g], widen(r[g] + c + 48), a3);
+    }
+    _mm512_storeu_ps(acc + c, a0);
+    _mm512_storeu_ps(acc + c + 16, a1);
+    _mm512_storeu_ps(acc + c + 32, a2);
+    _mm512_storeu_ps(acc + c + 48, a3);
+  }
+  for (; c + 16 <= n; c += 16) {
+    __m512 a0 = _mm512_loadu_ps(acc + c);
+    for (int g = 0; g < G; ++g) a0 = _mm512_fmadd_ps(v[g], widen(r[g] + c), a0);
+    _mm512_storeu_ps(acc + c, a0);
+  }
+#else
+  typedef int8_t vb __attribute__((vector_size(kVec)));
+  vf v[G];
+  for (int g = 0; g < G; ++g) v[g] = splat(vals[g]);
+  for (; c + kVec <= n; c += kVec) {
+    vf a0 = load_vec(acc + c);
+    for (int g = 0; g < G; ++g) {
+      vb b;
+      std::memcpy(&b, r[g] + c, sizeof(b));
+      a0 += v[g] * __builtin_convertvector(b, vf);
+    }
+    store_vec(acc + c, a0);
+  }
+#endif
+  for (; c < n; ++c) {
+    float a = acc[c];
+    for (int g = 0; g < G; ++g) a += vals[g] * static_cast<float>(r[g][c]);
+    acc[c] = a;
+  }
+}
+
 // acc[0:n] += sum_g vals[g] * rows[g][0:n] in the kernel's internal accumulator layout: bf16 rows
 // take the split-tile path where it is compiled, everything else the generic one.
 template <int G, typename T>
@@ -233,7 +293,11 @@ inline void accumulate(float* __restrict acc, int64_t n, const T* const* rows, c
     return;
   }
 #endif
-  accumulate_rows<G>(acc, n, rows, vals);
+  if constexpr (std::is_same_v<T, int8_t>) {
+    accumulate_rows_q8<G>(acc, n, rows, vals);
+  } else {
+    accumulate_rows<G>(acc, n, rows, vals);
+  }
 }
 
 // Puts the summed accumulator of sparse_gemv_t_typed<T> back in column order.
@@ -288,9 +352,10 @@ void gemv_rows(const T* wt, int64_t ld, const int32_t* idx, const float* val, in
   }
 }
 
-template <typename T>
+// out[c] = scale[c] * (the summed partials)[c] when scale is given (int8 weights), else the sum.
+template <typename T, typename O>
 void gemv_split_rows(const T* wt, int64_t ld, const int32_t* idx, const float* val, int64_t nact,
-                     T* out, int64_t N, int64_t parts) {
+                     O* out, int64_t N, int64_t parts, const float* scale = nullptr) {
   std::vector<float> partial(parts * N);
   if (parts == 1) {  // no fork/join for small layers
     gemv_rows<T>(wt, ld, idx, val, 0, nact, partial.data(), N);
@@ -306,12 +371,36 @@ void gemv_split_rows(const T* wt, int64_t ld, const int32_t* idx, const float* v
     for (int64_t c = 0; c < N; ++c) dst[c] += src[c];
   }
   finish_layout<T>(partial.data(), N);  // the sum is elementwise, so one reorder after it suffices
+  if (scale != nullptr) {
+    float* acc = partial.data();
+    for (int64_t c = 0; c < N; ++c) acc[c] *= scale[c];
+  }
   store_output(out, partial.data(), N);
 }
 
 // Weight bytes the single-row kernel read (active rows x N x element size), summed over calls:
 // what a decode step actually streams once input thresholds drop rows (clada-bench reports it).
 std::atomic<int64_t> g_weight_bytes{0};
+
+// Gather on one thread: K is at most a few ten thousand, far cheaper than a fork/join.
+// Branch-free so a ~50% keep rate costs no mispredictions. Returns the kept count.
+template <typename X>
+int64_t gather(const X* xp, int64_t K, float tau, int32_t* idx, float* val) {
+  int64_t nact = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    const float xi = load_scalar(xp + i);
+    idx[nact] = static_cast<int32_t>(i);
+    val[nact] = xi;
+    nact += (std::fabs(xi) >= tau) ? 1 : 0;
+  }
+  return nact;
+}
+
+// Threads for nact kept rows of N columns: one per kGroup rows at least, and enough work each.
+int64_t parts_for(int64_t nact, int64_t N) {
+  return std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), nact / kGroup,
+                                                 nact * N / kMinWorkPerThread}));
+}
 
 // y (N,) for x (K,) contiguous and wt (K, N) row-major (see is_row_major).
 template <typename T>
@@ -323,26 +412,32 @@ void sparse_gemv_t_typed(const at::Tensor& x, const at::Tensor& wt, float tau, a
   const T* wp = wt.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
 
-  // Gather on one thread: K is at most a few ten thousand, far cheaper than a
-  // fork/join. Branch-free so a ~50% keep rate costs no mispredictions.
   std::vector<int32_t> idx(K);
   std::vector<float> val(K);
-  int64_t nact = 0;
-  for (int64_t i = 0; i < K; ++i) {
-    const float xi = load_scalar(xp + i);
-    idx[nact] = static_cast<int32_t>(i);
-    val[nact] = xi;
-    nact += (std::fabs(xi) >= tau) ? 1 : 0;
-  }
+  const int64_t nact = gather(xp, K, tau, idx.data(), val.data());
   g_weight_bytes.fetch_add(nact * N * static_cast<int64_t>(sizeof(T)), std::memory_order_relaxed);
   if (nact == 0) {
     y.zero_();
     return;
   }
-  const int64_t parts = std::max<int64_t>(
-      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), nact / kGroup,
-                            nact * N / kMinWorkPerThread}));
-  gemv_split_rows<T>(wp, ld, idx.data(), val.data(), nact, yp, N, parts);
+  gemv_split_rows<T>(wp, ld, idx.data(), val.data(), nact, yp, N, parts_for(nact, N));
+}
+
+// int8 weights: y (N,) float32 = scale * (sum over kept i of x[i] * float(wq[i, :])), x float32.
+void sparse_gemv_t_q8_typed(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scale, float tau,
+                            at::Tensor& y) {
+  const int64_t K = wq.size(0);
+  const int64_t N = wq.size(1);
+  std::vector<int32_t> idx(K);
+  std::vector<float> val(K);
+  const int64_t nact = gather(x.const_data_ptr<float>(), K, tau, idx.data(), val.data());
+  g_weight_bytes.fetch_add(nact * N + N * static_cast<int64_t>(sizeof(float)), std::memory_order_relaxed);
+  if (nact == 0) {
+    y.zero_();
+    return;
+  }
+  gemv_split_rows<int8_t>(wq.const_data_ptr<int8_t>(), wq.stride(0), idx.data(), val.data(), nact,
+                          y.mutable_data_ptr<float>(), N, parts_for(nact, N), scale.const_data_ptr<float>());
 }
 
 // Strides of size-1 dims are never used for addressing, so they may be anything.
@@ -390,6 +485,36 @@ at::Tensor sparse_gemv_t_cpu(const at::Tensor& x_in, const at::Tensor& wt_in, co
     default:
       TORCH_CHECK(false, "sparse_gemv_t_cpu: only float32 and bfloat16, got ", x.scalar_type());
   }
+  return y;
+}
+
+// x (..., K) float32 holding one row, wq (K, N) int8, scale (N,) float32; returns (..., N) float32.
+at::Tensor sparse_gemv_t_q8_cpu(const at::Tensor& x_in, const at::Tensor& wq_in, const at::Tensor& scale_in,
+                                const at::Tensor& tau) {
+  TORCH_CHECK(x_in.device().is_cpu() && wq_in.device().is_cpu() && scale_in.device().is_cpu() &&
+                  tau.device().is_cpu(),
+              "sparse_gemv_t_q8_cpu: CPU tensors only");
+  TORCH_CHECK(wq_in.dim() == 2 && wq_in.scalar_type() == at::kChar, "sparse_gemv_t_q8_cpu: wq must be 2-D int8");
+  const int64_t K = wq_in.size(0);
+  const int64_t N = wq_in.size(1);
+  TORCH_CHECK(K <= INT32_MAX, "sparse_gemv_t_q8_cpu: K must fit in int32");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K && x_in.scalar_type() == at::kFloat,
+              "sparse_gemv_t_q8_cpu: x must be float32 (..., K)");
+  TORCH_CHECK(scale_in.numel() == N && scale_in.scalar_type() == at::kFloat,
+              "sparse_gemv_t_q8_cpu: scale must be float32 (N,)");
+  std::vector<int64_t> out_sizes = x_in.sizes().vec();
+  out_sizes.back() = 1;
+  TORCH_CHECK(c10::multiply_integers(out_sizes) == 1, "sparse_gemv_t_q8_cpu: x must hold one row");
+  TORCH_CHECK(tau.numel() == 1 && tau.scalar_type() == at::kFloat,
+              "sparse_gemv_t_q8_cpu: tau must be a 1-element float32 tensor");
+  g_kernel_calls.fetch_add(1, std::memory_order_relaxed);
+  out_sizes.back() = N;
+  at::Tensor y = at::empty(out_sizes, x_in.options());
+  if (N == 0) return y;
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor wq = is_row_major(wq_in) ? wq_in : wq_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+  sparse_gemv_t_q8_typed(x, wq, scale, *tau.const_data_ptr<float>(), y);
   return y;
 }
 
@@ -446,6 +571,33 @@ at::Tensor sparse_gemv_t_op_cpu(const at::Tensor& x, const at::Tensor& wt, const
   return reference(x, wt, tau.to(x.device()));
 }
 
+void check_inputs_q8(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scale, const at::Tensor& tau) {
+  TORCH_CHECK_VALUE(wq.dim() == 2 && wq.scalar_type() == at::kChar, "`wq` must be a 2-D int8 tensor (K, N), got dtype ",
+                    py_dtype(wq.scalar_type()), " shape ", py_shape(wq.sizes()));
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == wq.size(0), "`x` last dim must equal `wq` rows (K): got x shape ",
+                    py_shape(x.sizes()), ", wq shape ", py_shape(wq.sizes()));
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, "`x` must be float32 for int8 weights, got ",
+                    py_dtype(x.scalar_type()));
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == wq.size(1),
+                    "`scale` must be float32 of shape (N,) = (", wq.size(1), ",), got dtype ",
+                    py_dtype(scale.scalar_type()), " shape ", py_shape(scale.sizes()));
+  TORCH_CHECK_VALUE(tau.scalar_type() == at::kFloat && tau.numel() == 1 && tau.dim() <= 1,
+                    "`tau` must be a 1-element float32 tensor (0-dim or shape (1,)), got dtype ",
+                    py_dtype(tau.scalar_type()), " shape ", py_shape(tau.sizes()));
+  TORCH_CHECK_VALUE(x.device() == wq.device() && x.device() == scale.device(),
+                    "`x`, `wq` and `scale` must be on one device, got ", x.device().str(), ", ", wq.device().str(),
+                    " and ", scale.device().str());
+}
+
+// reference_sparse_gemv_t_q8: threshold test in float32, dense matmul with the dequantized columns.
+at::Tensor sparse_gemv_t_q8_op_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scale,
+                                   const at::Tensor& tau) {
+  check_inputs_q8(x, wq, scale, tau);
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  if (rows == 1) return sparse_gemv_t_q8_cpu(x, wq, scale, tau.device().is_cpu() ? tau : tau.cpu());
+  return at::where(x.abs().ge(tau.to(x.device())), x, 0).matmul(wq.to(at::kFloat)).mul(scale);
+}
+
 int64_t kernel_calls() { return g_kernel_calls.load(std::memory_order_relaxed); }
 int64_t weight_bytes_read() { return g_weight_bytes.load(std::memory_order_relaxed); }
 
@@ -453,10 +605,12 @@ int64_t weight_bytes_read() { return g_weight_bytes.load(std::memory_order_relax
 
 TORCH_LIBRARY(clada_cpu, m) {
   m.def("sparse_gemv_t_cpu(Tensor x, Tensor wt, Tensor tau) -> Tensor", &sparse_gemv_t_cpu);
+  m.def("sparse_gemv_t_q8_cpu(Tensor x, Tensor wq, Tensor scale, Tensor tau) -> Tensor", &sparse_gemv_t_q8_cpu);
   m.def("kernel_calls() -> int", &kernel_calls);
   m.def("weight_bytes_read() -> int", &weight_bytes_read);
 }
 
 TORCH_LIBRARY_IMPL(clada, CPU, m) {
   m.impl("sparse_gemv_t", &sparse_gemv_t_op_cpu);
+  m.impl("sparse_gemv_t_q8", &sparse_gemv_t_q8_op_cpu);
 }

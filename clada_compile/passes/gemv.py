@@ -17,6 +17,9 @@ linears_to_gemv
                 dropped channels' rows are never read
   Guards:       W materializes from constants only (not a graph input), 2-D, x's dtype is
                 float32/bfloat16 and equals W's (the kernel's dtypes); otherwise left alone
+  quantize=True (precision "int8"): Wg^T is stored as int8 with one float32 scale per column
+                (quantize.quantize_columns) and the call is clada.sparse_gemv_t_q8(x, Wq, s, tau);
+                float32 x only (a bf16 graph is left alone)
 
 sparse_mlp_to_gemv
   Pattern:      clada.sparse_mlp(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl) whose
@@ -28,6 +31,9 @@ sparse_mlp_to_gemv
                 (same positions), so the TracedGraph's input names stay aligned. x =
                 ops.threshold_input(x0, tau_in) (the mlp_in threshold) folds into gemv_mlp's
                 tau_in; otherwise tau_in is the float32 zero (dense gate/up).
+  quantize=True: the engine feeds the three weights as int8; new inputs clada.L.s_gu (s_in)
+                and clada.L.s_down follow w_gu_t (w_in_t) and w_down_t with their per-column
+                scales, passed to gemv_mlp as s_gu / s_down. Guard: w_down_t is a placeholder.
 
 Both return (gm, count): linears rewritten, MLPs rewritten. Numerics: the same sums in another
 order (fp32 accumulation); tests compare with HF within the fp32 tolerance.
@@ -40,6 +46,7 @@ from torch import fx
 
 from .. import kernels  # noqa: F401  (registers torch.ops.clada.sparse_gemv_t)
 from ..ops import gemv_in, gemv_mlp, threshold_input
+from ..quantize import quantize_columns
 from ._match import is_op
 
 aten = torch.ops.aten
@@ -80,9 +87,10 @@ def _unmask(x):
     return x, None
 
 
-def linears_to_gemv(gm: fx.GraphModule, cache: dict | None = None) -> tuple[fx.GraphModule, int]:
+def linears_to_gemv(gm: fx.GraphModule, cache: dict | None = None, quantize: bool = False) -> tuple[fx.GraphModule, int]:
     """cache: (data_ptr, ...) of a group's weights -> its fused W^T, so engines that share a
-    model (CLADA and its dense twin) share the transposed copies."""
+    model (CLADA and its dense twin) share the transposed copies. quantize: store each fused W^T
+    as int8 with per-column scales (quantize.py) and call clada.sparse_gemv_t_q8 (float32 only)."""
     g = gm.graph
     groups: dict[fx.Node, list] = {}
     for node in g.nodes:
@@ -95,19 +103,22 @@ def linears_to_gemv(gm: fx.GraphModule, cache: dict | None = None) -> tuple[fx.G
         bt = _constant(gm, b) if b is not None else None
         if xv is None or wt is None or wt.dim() != 2 or (b is not None and bt is None):
             continue
-        if xv.dtype not in GEMV_DTYPES or wt.dtype != xv.dtype:
+        if xv.dtype not in GEMV_DTYPES or wt.dtype != xv.dtype or (quantize and xv.dtype != torch.float32):
             continue
         groups.setdefault(x, []).append((node, wt, bt))
     count = 0
     cache = {} if cache is None else cache
     for i, (x, members) in enumerate(groups.items()):
-        key = tuple((w.data_ptr(), tuple(w.shape)) for _, w, _ in members)
+        key = (quantize, *((w.data_ptr(), tuple(w.shape)) for _, w, _ in members))
         if key not in cache:
             with torch.no_grad():
-                cache[key] = torch.cat([w.t() for _, w, _ in members], 1).contiguous()
-        fused = cache[key]
+                fused = torch.cat([w.t() for _, w, _ in members], 1).contiguous()
+                cache[key] = quantize_columns(fused) if quantize else (fused, None)
+        fused, scale = cache[key]
         name = f"clada_gemv_wt_{i}"
         gm.register_buffer(name, fused)
+        if scale is not None:
+            gm.register_buffer(f"clada_gemv_s_{i}", scale)
         bias = None
         if any(b is not None for _, _, b in members):
             with torch.no_grad():
@@ -119,7 +130,13 @@ def linears_to_gemv(gm: fx.GraphModule, cache: dict | None = None) -> tuple[fx.G
             tau = _zero(gm)
         with g.inserting_before(first):
             w_node = g.get_attr(name)
-            if tau.op == "get_attr":  # dense: the op itself, no Python function in the graph
+            if scale is not None:
+                s_node = g.get_attr(f"clada_gemv_s_{i}")
+                if tau.op == "get_attr":
+                    y = g.call_function(torch.ops.clada.sparse_gemv_t_q8.default, (x0, w_node, s_node, tau))
+                else:
+                    y = g.call_function(gemv_in, (x0, w_node, tau, s_node))
+            elif tau.op == "get_attr":  # dense: the op itself, no Python function in the graph
                 y = g.call_function(torch.ops.clada.sparse_gemv_t.default, (x0, w_node, tau))
             else:
                 y = g.call_function(gemv_in, (x0, w_node, tau))
@@ -154,8 +171,10 @@ class _NoMatch(Exception):
     pass
 
 
-def sparse_mlp_to_gemv(traced) -> tuple[fx.GraphModule, int]:
-    """traced: the TracedGraph of a lowered decode graph; its input names follow the renames."""
+def sparse_mlp_to_gemv(traced, quantize: bool = False) -> tuple[fx.GraphModule, int]:
+    """traced: the TracedGraph of a lowered decode graph; its input names follow the renames.
+    quantize: the engine feeds w_gu_t / w_in_t / w_down_t as int8 with their per-column scales on
+    new inputs clada.L.s_gu (or s_in) and clada.L.s_down, right after each weight."""
     gm = traced.gm
     g = gm.graph
     count = 0
@@ -167,6 +186,8 @@ def sparse_mlp_to_gemv(traced) -> tuple[fx.GraphModule, int]:
             w_in, b_in, w_up, b_up = (_input(node, i) for i in range(1, 5))
         except _NoMatch:
             continue
+        if quantize and not (isinstance(w_down_t, fx.Node) and w_down_t.op == "placeholder"):
+            continue  # the engine quantizes only the weights it feeds (checked before any rewrite)
         gated = w_up is not None
         names = traced.input_names
         phs = [n for n in g.nodes if n.op == "placeholder"]
@@ -181,7 +202,19 @@ def sparse_mlp_to_gemv(traced) -> tuple[fx.GraphModule, int]:
             phs.insert(idx, new)
             return new
 
+        def add_after(ph, new_name):
+            idx = phs.index(ph) + 1
+            with g.inserting_after(ph):
+                new = g.placeholder(new_name.replace(".", "_"))
+            names.insert(idx, new_name)
+            phs.insert(idx, new)
+            return new
+
         w_new = rename(w_in, f"clada.{layer}.{'w_gu_t' if gated else 'w_in_t'}")
+        scales = {}
+        if quantize:
+            scales = dict(s_gu=add_after(w_new, f"clada.{layer}.{'s_gu' if gated else 's_in'}"),
+                          s_down=add_after(w_down_t, f"clada.{layer}.s_down"))
         b_new = None
         if b_in is not None or b_up is not None:
             b_new = rename(b_in if b_in is not None else b_up, f"clada.{layer}.{'b_gu' if gated else 'b_in'}")
@@ -189,7 +222,8 @@ def sparse_mlp_to_gemv(traced) -> tuple[fx.GraphModule, int]:
         if tau_in is None:
             tau_in = _zero(gm)
         with g.inserting_before(node):
-            new = g.call_function(gemv_mlp, (x0, w_new, b_new, w_down_t, b_down, tau, tau_in, act, gated, impl))
+            new = g.call_function(gemv_mlp, (x0, w_new, b_new, w_down_t, b_down, tau, tau_in, act, gated, impl),
+                                  scales)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         g.erase_node(node)

@@ -1,11 +1,34 @@
-"""PNG plots: per-prompt controller traces and the speed/quality frontier."""
+"""PNG plots: per-prompt controller traces and the speed/quality frontier.
+
+matplotlib is an optional extra (clada_compile[bench]): the library and clada-generate's text
+outputs work without it; the commands whose product is a plot check for it before loading a model.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+
+INSTALL_HINT = "pip install 'clada_compile[bench]'"
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is missing; the message names the pip command that installs it."""
+
+
+def have_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def require_matplotlib(what: str) -> None:
+    """Fail early (before minutes of model loading) when `what` needs a plot and cannot make one."""
+    if not have_matplotlib():
+        raise MissingExtraError(f"{what} draws a PNG and needs matplotlib, which is not installed; "
+                                f"install it with: {INSTALL_HINT}")
 
 
 def _plt():
+    require_matplotlib("this plot")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display; set on use, not at import

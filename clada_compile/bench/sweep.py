@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from .config import CladaConfig
-from .evaluate import score
-from .metrics import bootstrap_ratio
+from ..config import CladaConfig
+from ..evaluate import score
+from ..metrics import bootstrap_ratio
 from .timing import time_engines
 
 METHODS = ("griffin", "paper", "calibrated", "inputs")
@@ -49,7 +49,7 @@ def sweep_points(methods, top_ks, targets, backend: str, kernel: str = "auto", p
 
 
 def _input_points(profile, targets, fractions, backend, kernel):
-    from .calibrate import load_profile, profile_groups
+    from ..calibrate import load_profile, profile_groups
 
     if profile is None:
         raise ValueError("sweep method 'inputs' needs a profile calibrated with input groups "

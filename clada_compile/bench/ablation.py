@@ -7,8 +7,8 @@ variants are never compared at different sparsity.
 
 from __future__ import annotations
 
-from .evaluate import score
-from .metrics import bootstrap_ratio
+from ..evaluate import score
+from ..metrics import bootstrap_ratio
 
 _DENSER, _SPARSER = dict(high_load_scale=0.5, low_load_scale=1.3), dict(high_load_scale=1.3, low_load_scale=0.5)
 

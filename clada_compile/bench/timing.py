@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .metrics import interleaved
+from ..metrics import interleaved
 
 
 def time_engines(engines: dict, prompt_ids, new_tokens: int, repeats: int, warmup: int = 1) -> dict:

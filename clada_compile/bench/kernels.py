@@ -17,7 +17,7 @@ pool of random ``x`` vectors, each with its own ``tau`` set to the
 to call as they do between tokens. ``fraction`` 1.0 is the dense GEMV
 (tau = 0): its GB/s column is the kernel's streaming bandwidth.
 
-Run as ``python -m clada_compile.kernels.bench`` to print the table.
+Run as ``python -m clada_compile.bench.kernels`` to print the table.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import sparse_gemv_t
+from ..kernels import sparse_gemv_t
 
 __all__ = ["format_table", "run_kernel_bench"]
 
