@@ -50,7 +50,7 @@ class CladaModel(nn.Module, Engine):
         self._init_engine(config, [f["w_in"].shape[0] for f in self.full])
         # every decode projection on the GEMV kernel (passes/gemv.py), unless the caller pinned an
         # impl (the ONNX exporter, reference tests) or asked for the reference kernel
-        self.gemv = impl is None and config.kernel in ("auto", "cpp")
+        self.gemv = impl is None and config.kernel == "auto"
         # precision "int8": the weights are already int8 round trips (optimize() -> quantize.py);
         # the GEMV graph stores them as int8 + per-column scales, the kernel reads a quarter of the bytes
         self.quantized = self.gemv and config.precision == "int8"
@@ -246,7 +246,7 @@ def optimize(model, config: CladaConfig | None = None, tokenizer=None) -> CladaM
     model.eval()
     _set_precision(model, config.precision)
     impl = _impl_for(config)
-    if impl in ("auto", "cpp"):
+    if impl == "auto":
         from . import kernels
 
         kernels.load_cpu_extension()  # fail now, with the fix named, rather than mid-generation

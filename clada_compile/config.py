@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 BACKENDS = ("inductor", "eager")
-KERNELS = ("auto", "cpp", "reference")
+KERNELS = ("auto", "reference")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 SCHEDULES = ("static", "clada", "continuous")
 SIGNALS = ("both", "entropy", "surprisal")
@@ -65,7 +65,7 @@ class CladaConfig:
     reselect: re-select the backbone on high-load events.
     enabled: False runs the dense model through the same graphs (baseline).
     backend: "inductor" (torch.compile) or "eager" (the rewritten graph run as Python, for debugging).
-    kernel: "auto" / "cpp": every decode projection (q/k/v/o, gate/up, down, lm_head) on the C++
+    kernel: "auto": every decode projection (q/k/v/o, gate/up, down, lm_head) on the C++
         input-sparse GEMV kernel (passes/gemv.py; error if the build fails); "reference": the
         masked dense matmul of lower_decode's graph (torch's linear for the other projections).
     precision: "fp32" or "bf16" (both run on the CPU kernels); "fp16" needs a CUDA model.
@@ -117,6 +117,8 @@ class CladaConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("load_signal", self.load_signal, SIGNALS)
         _check_choice("backend", self.backend, BACKENDS)
+        if self.kernel == "cpp":  # the old synonym of "auto": one name per behaviour
+            raise ValueError("`kernel` 'cpp' is now called 'auto' (the C++ GEMV kernel on CPU); pass kernel='auto'")
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("precision", self.precision, PRECISIONS)
         if self.sparsify is not None:

@@ -14,7 +14,7 @@ Both take `tau`, a 1-element tensor that is a graph input: neurons with |h_j| < 
 ((B, S, 1); only through the masked path, the GEMV kernel serves single rows). `impl` picks how the down projection runs:
   "dense"      plain matmul, no mask (the baseline through the same graph),
   "reference"  masked dense matmul,
-  "auto"/"cpp" the sparse GEMV kernel when there is exactly one token row (decode, batch 1),
+  "auto"      the sparse GEMV kernel when there is exactly one token row (decode, batch 1),
                the masked matmul otherwise (a GEMM over many rows is compute-bound: skipping
                rows there saves nothing).
 """
@@ -30,7 +30,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
 }
-IMPLS = ("dense", "reference", "auto", "cpp")
+IMPLS = ("dense", "reference", "auto")
 from .config import GROUPS, INPUT_GROUPS  # noqa: F401  (the threshold groups; see config.py)
 
 

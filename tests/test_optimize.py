@@ -19,7 +19,9 @@ from tiny import build
     ("update_window", 1, "`update_window` must be an integer >= 2, got 1"),
     ("min_active_neurons", 0, "`min_active_neurons` must be an integer >= 1, got 0"),
     ("backend", "tvm", "`backend` must be one of 'inductor', 'eager', got 'tvm'"),
-    ("kernel", "cuda", "`kernel` must be one of"),
+    ("kernel", "cuda", "`kernel` must be one of 'auto', 'reference', got 'cuda'"),
+    ("kernel", "cpp", "`kernel` 'cpp' is now called 'auto'"),  # one name per behaviour
+    ("precision", "int4", "`precision` must be one of 'fp32', 'bf16', 'fp16', 'int8', got 'int4'"),
 ])
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError) as err:

@@ -369,10 +369,10 @@ def test_gemv_decode_matches_reference_engine(name, tmp_path):
     profile.write_text(json.dumps({"format": "clada-profile/1", "n_layers": 2, "target_active": 0.5,
                                    "achieved_active": 0.5, "layers": layers}))
     model, graphs = graphs_for(name)
-    cfg = CladaConfig(top_k_ratio=0.5, backend="eager", target_active=0.5, profile=str(profile), kernel="cpp")
+    cfg = CladaConfig(top_k_ratio=0.5, backend="eager", target_active=0.5, profile=str(profile), kernel="auto")
     ref = CladaModel(model, graphs, cfg, impl="reference")
     cm = CladaModel(model, graphs, cfg)
-    assert cm.impl == "cpp" and cm.gemv and cm.gemv_rewrites["sparse_mlp_to_gemv"] == 2
+    assert cm.impl == "auto" and cm.gemv and cm.gemv_rewrites["sparse_mlp_to_gemv"] == 2
     # the dense twin reads the same transposed weights, not a second copy
     wt = [b for n, b in cm.decode_graph.gm.named_buffers() if n.startswith("clada_gemv_wt_")]
     wt_dense = [b for n, b in cm.dense().decode_graph.gm.named_buffers() if n.startswith("clada_gemv_wt_")]

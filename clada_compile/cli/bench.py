@@ -62,12 +62,12 @@ def bench_decode(engine, prompt_ids, new_tokens: int, repeats: int):
 
 def bench_kernel_ab(engine, prompt_ids, new_tokens: int, repeats: int):
     """The end-to-end effect of the sparse GEMV kernel: dense, CLADA with the masked dense matmul
-    (kernel=reference) and CLADA with the kernel (kernel=cpp), same thresholds, interleaved."""
+    (kernel=reference) and CLADA with the kernel (kernel=auto), same thresholds, interleaved."""
     from clada_compile.bench.timing import time_engines
 
     cfg = engine.config
     engines = {"dense": (engine, True), "kernel_off": (engine.with_config(cfg.replace(kernel="reference")), False),
-               "kernel_on": (engine.with_config(cfg.replace(kernel="cpp")), False)}
+               "kernel_on": (engine.with_config(cfg.replace(kernel="auto")), False)}
     t = time_engines(engines, prompt_ids, new_tokens, repeats)
     d = t["dense"]["median"]
     return {name: dict(tokens_per_s=v["median"], speedup=v["median"] / d, active_fraction=v["active_fraction"],

@@ -33,7 +33,7 @@ def add_clada_flags(p: argparse.ArgumentParser):
                    help="calibration profile JSON (clada-calibrate); default: the shipped one for smollm2; 'none' = off")
     p.add_argument("--schedule", default=None, choices=["static", "clada"])
     p.add_argument("--reselect", default=None, action=argparse.BooleanOptionalAction)
-    p.add_argument("--kernel", default=None, choices=["auto", "cpp", "reference"])
+    p.add_argument("--kernel", default=None, choices=["auto", "reference"])
     p.add_argument("--sparsify", default=None,
                    help="comma-separated threshold groups of the profile to use (mlp_down,mlp_in,attn_in,attn_out); "
                         "default: every group the profile has")
