@@ -107,9 +107,10 @@ class OrtCladaModel(Engine):
         self.dtype = shared.dtype
         self.full = shared.full
         # like CladaModel: the per-token threshold only runs when config.uses_threshold (a profile
-        # and target_active < 1); otherwise decode gets tau = 0, i.e. exactly the compacted backbone
-        self.impl = "dense" if not config.enabled or not config.uses_threshold else "masked"
-        if self.impl == "masked" and m.get("impl") == "dense":
+        # and target_active < 1); otherwise decode gets tau = 0, i.e. exactly the compacted backbone.
+        # "reference": the thresholds applied as a numeric mask, ops.IMPLS' name for it
+        self.impl = "dense" if not config.enabled or not config.uses_threshold else "reference"
+        if self.impl == "reference" and m.get("impl") == "dense":
             raise ValueError(f"{shared.path} was exported with dense=True (no threshold mask in decode.onnx), but the "
                              f"config thresholds with a profile (target_active={config.target_active}, sparsify={config.sparsify}); "
                              f"re-export without --dense")
@@ -320,9 +321,9 @@ class OrtCladaModel(Engine):
         for i in range(self.n_layers):
             feeds[f"past_key_values.{i}.key"] = past[2 * i]
             feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
-        feeds["clada.tau"] = self.taus if self.impl == "masked" else self._zero_taus
+        feeds["clada.tau"] = self.taus if self.impl == "reference" else self._zero_taus
         if "clada.tau_in" in self.decode_inputs:  # exports before format 2 have no input thresholds
-            feeds["clada.tau_in"] = self.input_taus if self.impl == "masked" else self._zero_input_taus
+            feeds["clada.tau_in"] = self.input_taus if self.impl == "reference" else self._zero_input_taus
         presents = {x for x in self.decode_outputs if x.startswith("present.")}
         out = self._run(self._shared.decode, self._decode_io, feeds, self.decode_outputs, presents)
         logits, new, kept = self._split_outputs(out)
