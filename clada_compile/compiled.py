@@ -132,38 +132,24 @@ class CladaModel(nn.Module, Engine):
 
     # ---- Engine: weight compaction ---------------------------------------------------------
     def _compact(self, layer: int, idx: torch.Tensor) -> None:
-        f, buf = self.full[layer], self.compact[layer]
-        k = self.k[layer]
-        if self.quantized:
-            self._compact_q(layer, idx)
-            return
-        buf["w_down_t"].copy_(torch.index_select(f["w_down"], 1, idx).t())
-        for key in ("w_in", "b_in", "w_up", "b_up"):
+        f, buf, k = self.full[layer], self.compact[layer], self.k[layer]
+        q = self.full_q[layer] if self.quantized else None  # int8 weights + per-column scales
+        if q is not None:
+            buf["w_down_t"].copy_(torch.index_select(q["w_down_t"][0], 0, idx))
+            buf["s_down"].copy_(q["w_down_t"][1])
+        else:
+            buf["w_down_t"].copy_(torch.index_select(f["w_down"], 1, idx).t())
+        for key in ("w_in", "w_up", "b_in", "b_up"):  # neuron-major inputs (reference graphs, ONNX)
             if key in buf:
                 torch.index_select(f[key], 0, idx, out=buf[key])
-        if "w_in_t" in buf:
-            buf["w_in_t"].copy_(torch.index_select(f["w_in"], 0, idx).t())
-        if "w_gu_t" in buf:  # [gate^T | up^T]: one contiguous stream for both projections
-            buf["w_gu_t"][:, :k].copy_(torch.index_select(f["w_in"], 0, idx).t())
-            buf["w_gu_t"][:, k:].copy_(torch.index_select(f["w_up"], 0, idx).t())
-        if "b_gu" in buf:
-            for part, key in ((buf["b_gu"][:k], "b_in"), (buf["b_gu"][k:], "b_up")):
-                part.copy_(f[key][idx] if f[key] is not None else torch.zeros(()))
-
-    def _compact_q(self, layer: int, idx: torch.Tensor) -> None:
-        """_compact for int8 weights: int8 rows/columns and their scales (biases stay float)."""
-        f, q, buf = self.full[layer], self.full_q[layer], self.compact[layer]
-        k = self.k[layer]
-        buf["w_down_t"].copy_(torch.index_select(q["w_down_t"][0], 0, idx))
-        buf["s_down"].copy_(q["w_down_t"][1])
-        gu = buf.get("w_gu_t", buf.get("w_in_t"))
-        s_gu = buf.get("s_gu", buf.get("s_in"))
-        parts = [("w_in", slice(0, k))] + ([("w_up", slice(k, 2 * k))] if "w_gu_t" in buf else [])
-        for key, cols in parts:
-            gu[:, cols].copy_(torch.index_select(q[key][0], 0, idx).t())
-            s_gu[cols].copy_(q[key][1][idx])
-        if "b_in" in buf and "w_in_t" in buf:
-            torch.index_select(f["b_in"], 0, idx, out=buf["b_in"])
+        gu = buf.get("w_gu_t", buf.get("w_in_t"))  # [gate^T | up^T]: one contiguous stream for both
+        if gu is not None:
+            scales = buf.get("s_gu", buf.get("s_in"))
+            parts = [("w_in", slice(0, k))] + ([("w_up", slice(k, 2 * k))] if "w_gu_t" in buf else [])
+            for key, cols in parts:
+                gu[:, cols].copy_(torch.index_select(f[key] if q is None else q[key][0], 0, idx).t())
+                if q is not None:
+                    scales[cols].copy_(q[key][1][idx])
         if "b_gu" in buf:
             for part, key in ((buf["b_gu"][:k], "b_in"), (buf["b_gu"][k:], "b_up")):
                 part.copy_(f[key][idx] if f[key] is not None else torch.zeros(()))

@@ -43,8 +43,8 @@ def quantize_columns(wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _linear_weights(model: nn.Module):
-    """(module, weight, output-channel dim) of every projection: nn.Linear and GPT-2's Conv1D
-    (weight stored (in, out))."""
+    """(weight, output-channel dim) of every projection: nn.Linear and GPT-2's Conv1D (weight
+    stored (in, out))."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             yield module.weight, 0

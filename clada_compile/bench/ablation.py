@@ -87,7 +87,7 @@ def run_ablation(cm, base_config, wins, targets=(0.4, 0.5, 0.6), variants=None, 
 
 
 def plot_ablation(results, path, title=""):
-    from .plots import _plt
+    from .plots import _plt, save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -98,11 +98,7 @@ def plot_ablation(results, path, title=""):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, **style)
     ax.set_xlabel("measured mean active fraction of MLP neurons")
     ax.set_ylabel("perplexity increase vs dense (%)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, ax, path, title, legend_size=6.5)
 
 
 def ablation_table(results) -> str:

@@ -135,9 +135,9 @@ def decode_weight_bytes(model, int8: bool = False) -> int:
 def mlp_weight_bytes(engine) -> tuple[int, int]:
     """(gate/up bytes, down bytes) of every MLP's full weights and biases (a dense step reads both)."""
     def size(keys):
-        width = {k: (1 if getattr(engine, "quantized", False) and k.startswith("w_") else None) for k in keys}
-        return sum(f[k].numel() * (width[k] or f[k].element_size()) for f in engine.full for k in keys
-                   if f.get(k) is not None)
+        int8 = getattr(engine, "quantized", False)  # int8 weights, float biases
+        return sum(f[k].numel() * (1 if int8 and k.startswith("w_") else f[k].element_size())
+                   for f in engine.full for k in keys if f.get(k) is not None)
 
     return size(("w_in", "b_in", "w_up", "b_up")), size(("w_down",))
 

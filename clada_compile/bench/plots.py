@@ -27,6 +27,16 @@ def require_matplotlib(what: str) -> None:
                                 f"install it with: {INSTALL_HINT}")
 
 
+def save_figure(fig, ax, path, title: str, legend_size: float) -> Path:
+    """Title, legend, tight layout, PNG at 110 dpi; closes the figure."""
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return Path(path)
+
+
 def _plt():
     require_matplotlib("this plot")
     import matplotlib
@@ -83,9 +93,4 @@ def plot_frontier(curves: dict[str, list[tuple]], path, title: str = "") -> Path
     ax.set_xlim(left=min([0.0] + xs))
     ax.set_xlabel("perplexity increase vs dense (%, linear below 2, log above)")
     ax.set_ylabel("decode speedup vs dense (x)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, ax, path, title, legend_size=8)

@@ -62,6 +62,16 @@ def diffs(ref: dict, got: dict) -> dict:
     return out
 
 
+def _run(traced, feeds: dict, phase: str) -> dict:
+    """The traced graph's outputs by name on feeds named like its inputs."""
+    unknown = [x for x in traced.input_names if x not in feeds]
+    if unknown:
+        raise RuntimeError(f"the {phase} graph has inputs the exporter does not know: {unknown}")
+    with torch.no_grad():
+        out = traced.gm(*[feeds[x] for x in traced.input_names])
+    return dict(zip(traced.output_names, out))
+
+
 def example_feeds(engine, vocab: int, seed: int) -> dict:
     """Example and validation inputs of both graphs: phase -> (input name -> tensor, output name ->
     PyTorch output). `engine` (a CladaModel on the exported graphs) selects its active set from
@@ -71,17 +81,10 @@ def example_feeds(engine, vocab: int, seed: int) -> dict:
     ids = torch.randint(0, vocab, (batch, seq + new), generator=g)
     mask = torch.ones_like(ids)
     n = engine.n_layers
-    pre_names = engine.graphs.prefill.input_names
-    dec_names = engine.graphs.decode.input_names
     pre = {"input_ids": ids[:, :seq], "attention_mask": mask[:, :seq],
            "position_ids": position_ids_from_mask(mask[:, :seq], seq),
            "clada.tau": torch.zeros(n), "clada.score_mask": mask[:, :seq]}
-    unknown = [x for x in pre_names if x not in pre]
-    if unknown:
-        raise RuntimeError(f"the prefill graph has inputs the exporter does not know: {unknown}")
-    with torch.no_grad():
-        pre_out = engine.graphs.prefill.gm(*[pre[x] for x in pre_names])
-    pre_ref = dict(zip(engine.graphs.prefill.output_names, pre_out))
+    pre_ref = _run(engine.graphs.prefill, pre, "prefill")
     engine.select([pre_ref[f"clada.scores.{i}"] for i in range(n)])
     dec = {"input_ids": ids[:, seq:], "attention_mask": mask,
            "position_ids": position_ids_from_mask(mask, new), "clada.tau": torch.zeros(n),
@@ -92,12 +95,7 @@ def example_feeds(engine, vocab: int, seed: int) -> dict:
     for layer, buf in enumerate(engine.compact):
         for key, t in buf.items():
             dec[f"clada.{layer}.{key}"] = t
-    unknown = [x for x in dec_names if x not in dec]
-    if unknown:
-        raise RuntimeError(f"the decode graph has inputs the exporter does not know: {unknown}")
-    with torch.no_grad():
-        dec_out = engine.graphs.decode.gm(*[dec[x] for x in dec_names])
-    dec_ref = dict(zip(engine.graphs.decode.output_names, dec_out))
+    dec_ref = _run(engine.graphs.decode, dec, "decode")
     return {"prefill": (pre, pre_ref), "decode": (dec, dec_ref)}
 
 
