@@ -24,6 +24,15 @@ def _impl_for(config: CladaConfig) -> str:
     return config.kernel
 
 
+def cache_capacity(length: int, total: int, context_length: int | None) -> int:
+    """Tokens a new KV buffer holds: this call's `total`, and room to grow (256 tokens or the
+    cached length again, whichever is more) within the model's context when it states one."""
+    capacity = max(2 * length, length + 256)
+    if context_length:
+        capacity = min(capacity, context_length)
+    return max(total, capacity)
+
+
 class CladaModel(nn.Module, Engine):
     """The torch engine (engine.Engine): the rewritten graphs under torch.compile (or eager)."""
 
@@ -56,11 +65,13 @@ class CladaModel(nn.Module, Engine):
         self.quantized = self.gemv and config.precision == "int8"
         if self.quantized:
             self._quantize_full()
-        self.gemv_rewrites = {}
-        decode = graphs.decode_for(self.impl)
-        if self.gemv:
-            decode = self._gemv_decode(decode)
+        self.decode_rewrites = {}
+        decode = self._decode_graph(graphs.decode_for(self.impl))
         self.decode_graph = decode
+        # the KV cache lives in buffers this engine owns, written in place (passes/kvcache.py)
+        self.kv_in_place = self.decode_rewrites["kv_cache_in_place"] > 0
+        self._kv = None  # the buffers, (B, H, capacity, D) per layer and kind
+        self._presents = None  # the views the last decode handed out: the only `past` used in place
         # layers whose attention inputs the graph thresholds (all of them for the supported
         # architectures); none when impl is "dense"
         self.attention_layers = list(decode.attention_layers)
@@ -81,17 +92,25 @@ class CladaModel(nn.Module, Engine):
         self._prefill_fn = self._compile(pre.gm)
         self._decode_fn = self._compile(decode.gm, inline=True)
 
-    def _gemv_decode(self, decode):
+    def _decode_graph(self, decode):
+        """This engine's copy of the decode graph: every projection on the GEMV kernel (unless
+        the caller pinned an impl or asked for the reference kernel) and the KV cache in place."""
+        from .passes.attention import sdpa_to_decode_attention
         from .passes.gemv import linears_to_gemv, sparse_mlp_to_gemv
         from .passes.gqa import sdpa_without_repeat_kv
+        from .passes.kvcache import kv_cache_in_place
         from .tracing import TracedGraph
 
         gm = fx.GraphModule(decode.gm, copy.deepcopy(decode.gm.graph))
         traced = TracedGraph(gm, "decode", list(decode.input_names), list(decode.output_names), decode.sites,
                              list(decode.attention_layers))
-        _, self.gemv_rewrites["sparse_mlp_to_gemv"] = sparse_mlp_to_gemv(traced, quantize=self.quantized)
-        _, self.gemv_rewrites["linears_to_gemv"] = linears_to_gemv(gm, self.graphs.gemv_weights, quantize=self.quantized)
-        _, self.gemv_rewrites["sdpa_without_repeat_kv"] = sdpa_without_repeat_kv(gm)
+        rewrites = self.decode_rewrites
+        if self.gemv:
+            _, rewrites["sparse_mlp_to_gemv"] = sparse_mlp_to_gemv(traced, quantize=self.quantized)
+            _, rewrites["linears_to_gemv"] = linears_to_gemv(gm, self.graphs.gemv_weights, quantize=self.quantized)
+            _, rewrites["sdpa_without_repeat_kv"] = sdpa_without_repeat_kv(gm)
+            _, rewrites["sdpa_to_decode_attention"] = sdpa_to_decode_attention(gm)
+        _, rewrites["kv_cache_in_place"] = kv_cache_in_place(traced)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
@@ -192,16 +211,42 @@ class CladaModel(nn.Module, Engine):
                 raise ValueError(f"per-token `input_taus` must have shape {want} (groups, layers, batch, seq), "
                                  f"got {tuple(input_taus.shape)}")
             input_taus = input_taus.float().unsqueeze(-1)
+        total = attention_mask.shape[1]
+        if total != past[0].shape[2] + input_ids.shape[1]:
+            raise ValueError(f"`attention_mask` covers {total} tokens, but the cache holds {past[0].shape[2]} and "
+                             f"`input_ids` adds {input_ids.shape[1]}; pass the mask of the cache and the new tokens")
+        feeds = self._cache_buffers(past, total) if self.kv_in_place else past
         # the cache grows every step: compile its length as symbolic from the first call instead of
         # specializing on it and recompiling at step two (batch and step width stay static)
-        for t in past:
+        for t in feeds:
             torch._dynamo.maybe_mark_dynamic(t, 2)
         torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
-        out = self._decode_fn(input_ids, attention_mask, pos, *past, taus, input_taus, *self._decode_weights)
-        logits, presents, kept = self._split_outputs(out)
+        out = self._decode_fn(input_ids, attention_mask, pos, *feeds, taus, input_taus, *self._decode_weights)
+        if self.kv_in_place:
+            logits, kept = out[0], list(out[1:])
+            presents = self._presents = tuple(b[:, :, :total] for b in feeds)
+        else:
+            logits, presents, kept = self._split_outputs(out)
         if with_active:
             return logits, presents, self._kept(kept)
         return logits, presents
+
+    def _cache_buffers(self, past, total: int) -> list:
+        """The buffers the decode graph writes the new KV rows into (passes/kvcache.py).
+
+        In place only when `past` is what this engine's last decode returned (the tuple itself:
+        a prefix of it, or a cache from a prefill or another engine, is copied into new buffers,
+        so a caller may branch from an older cache without it being overwritten)."""
+        if past is self._presents and self._kv[0].shape[2] >= total:
+            return self._kv
+        capacity = cache_capacity(past[0].shape[2], total, self.context_length)
+        bufs = []
+        for t in past:
+            buf = t.new_empty((t.shape[0], t.shape[1], capacity, t.shape[3]))
+            buf[:, :, :t.shape[2]].copy_(t)
+            bufs.append(buf)
+        self._kv = bufs
+        return bufs
 
     def with_config(self, config: CladaConfig) -> "CladaModel":
         """Another CladaModel on the same traced graphs (no re-tracing), e.g. another sparsity."""

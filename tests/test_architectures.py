@@ -46,7 +46,9 @@ def test_rewrite_count_and_dense_equivalence(name):
         cm = CladaModel(model, graphs, CladaConfig(top_k_ratio=1.0, backend=backend))
         # grouped-query attention (fewer KV heads than query heads) reads its cache un-repeated
         gqa = n if name in GQA_ARCHS else 0
-        assert cm.gemv_rewrites == {"sparse_mlp_to_gemv": n, "linears_to_gemv": linears, "sdpa_without_repeat_kv": gqa}
+        assert cm.decode_rewrites == {"sparse_mlp_to_gemv": n, "linears_to_gemv": linears, "sdpa_without_repeat_kv": gqa,
+                                     "sdpa_to_decode_attention": n,
+                                     "kv_cache_in_place": 2 * n}
         ops = [nd.target for nd in cm.decode_graph.gm.graph.nodes if nd.op == "call_function"]
         assert torch.ops.aten.linear.default not in ops and torch.ops.clada.sparse_mlp.default not in ops
         _check(model, cm, ids)

@@ -47,7 +47,7 @@ def test_decode_equals_hf_batch_and_several_new_tokens(name):
     on a 6-token cache (the stacked mask covers several query positions)."""
     model, graphs = graphs_for(name)
     cm = CladaModel(model, graphs, CladaConfig(backend="eager", enabled=False))
-    assert cm.gemv_rewrites["sdpa_without_repeat_kv"] == graphs.n_layers
+    assert cm.decode_rewrites["sdpa_without_repeat_kv"] == graphs.n_layers
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids).logits

@@ -107,7 +107,7 @@ def test_int8_decode_equals_hf_on_the_round_tripped_model(name):
     model, cm = _int8(name, enabled=False)
     q8 = [n for n in cm.decode_graph.gm.graph.nodes if n.target is torch.ops.clada.sparse_gemv_t_q8.default]
     f32 = [n for n in cm.decode_graph.gm.graph.nodes if n.target is torch.ops.clada.sparse_gemv_t.default]
-    assert cm.gemv_rewrites["sparse_mlp_to_gemv"] == cm.n_layers and len(q8) >= 1 and not f32
+    assert cm.decode_rewrites["sparse_mlp_to_gemv"] == cm.n_layers and len(q8) >= 1 and not f32
     assert all(cm.compact[0][k].dtype == torch.int8 for k in cm.compact[0] if k.startswith("w_"))
     ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -120,8 +120,9 @@ def test_bench_and_eval_smoke(tiny_dir, tmp_path):
         # attribution, not timing (profiler times against wall time can flake under load): every
         # bucket found its ops; a shape rule that misses the gate/up, down or lm_head ops leaves it 0
         assert r["steps"] == 4 and r["mlp_down_ms"] > 0 and r["mlp_ms"] > r["mlp_down_ms"] and r["lm_head_ms"] > 0
-    with pytest.raises(ValueError, match="--profile_decode needs --backend eager, got --backend inductor"):
-        bench.main_impl(["--model_path", str(tiny_dir), "--backend", "inductor", "--profile_decode"])
+        assert r["attention_ms"] > 0 and r["attn_proj_ms"] > 0 and r["weight_gb_per_s"] > 0
+    with pytest.raises(ValueError, match="--profile_decode with --backend inductor needs --kernel auto, got --kernel reference"):
+        bench.main_impl(["--model_path", str(tiny_dir), "--backend", "inductor", "--kernel", "reference", "--profile_decode"])
     assert abs(k["kernel_on"]["active_fraction"] - k["kernel_off"]["active_fraction"]) < 1e-6 < 1 - k["kernel_on"]["active_fraction"]
     out = tmp_path / "eval.json"
     assert ev.main_impl(["--model_path", str(tiny_dir), "--text", str(text), "--windows", "2",

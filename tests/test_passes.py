@@ -372,13 +372,13 @@ def test_gemv_decode_matches_reference_engine(name, tmp_path):
     cfg = CladaConfig(top_k_ratio=0.5, backend="eager", target_active=0.5, profile=str(profile), kernel="auto")
     ref = CladaModel(model, graphs, cfg, impl="reference")
     cm = CladaModel(model, graphs, cfg)
-    assert cm.impl == "auto" and cm.gemv and cm.gemv_rewrites["sparse_mlp_to_gemv"] == 2
+    assert cm.impl == "auto" and cm.gemv and cm.decode_rewrites["sparse_mlp_to_gemv"] == 2
     # the dense twin reads the same transposed weights, not a second copy
     wt = [b for n, b in cm.decode_graph.gm.named_buffers() if n.startswith("clada_gemv_wt_")]
     wt_dense = [b for n, b in cm.dense().decode_graph.gm.named_buffers() if n.startswith("clada_gemv_wt_")]
     assert wt and [t.data_ptr() for t in wt] == [t.data_ptr() for t in wt_dense]
     # 2 layers x (q, k, v, o, or a fused qkv + o) + lm_head
-    assert cm.gemv_rewrites["linears_to_gemv"] == {"llama": 9, "gpt2": 5, "phi3": 5, "opt": 9, "llama_mlp_bias": 9}[name]
+    assert cm.decode_rewrites["linears_to_gemv"] == {"llama": 9, "gpt2": 5, "phi3": 5, "opt": 9, "llama_mlp_bias": 9}[name]
     ids = torch.randint(3, 90, (1, 9))
     _, past, scores = ref.prefill(ids[:, :6])
     for engine in (ref, cm):

@@ -51,6 +51,9 @@ def decode_profile(engine, prompt_ids, steps: int = 16, baseline: bool = False) 
         engine.select(scores)
     tok = logits[:, -1].argmax(-1, keepdim=True)
     engine.decode(tok, torch.cat([mask, torch.ones_like(tok)], 1), past)  # warm-up
+    from .. import kernels
+
+    read0 = kernels.weight_bytes_read()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -58,9 +61,10 @@ def decode_profile(engine, prompt_ids, steps: int = 16, baseline: bool = False) 
             logits, past = engine.decode(tok, mask, past)
             tok = logits[:, -1].argmax(-1, keepdim=True)
         wall = time.perf_counter() - t0
+    read1 = kernels.weight_bytes_read()
     vocab = logits.shape[-1]
     if getattr(engine, "gemv", False):
-        return _gemv_profile(prof, engine, vocab, wall, steps)
+        return _gemv_profile(prof, engine, vocab, wall, steps, (read1 - read0) if read0 is not None else 0)
     d_ff = set(engine.k)
     mlp = down = head = 0.0
     for e in prof.key_averages(group_by_input_shape=True):
@@ -78,13 +82,20 @@ def decode_profile(engine, prompt_ids, steps: int = 16, baseline: bool = False) 
                 lm_head_ms=head / 1e3 * per / 1e3, other_ms=total - (mlp + head) / 1e3 * per / 1e3, steps=steps)
 
 
-def _gemv_profile(prof, engine, vocab, wall, steps) -> dict:
-    """Every projection runs clada::sparse_gemv_t: its calls split by weight shape (d_model, k|2k)
-    gate/up, (k, d_model) down, (d_model, vocab) lm_head, the rest attention projections."""
+GEMV_OPS = ("clada::sparse_gemv_t", "clada::sparse_gemv_t_q8")
+ATTENTION_OPS = ("clada::decode_attention", "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _gemv_profile(prof, engine, vocab, wall, steps, weight_bytes) -> dict:
+    """Every projection runs a clada GEMV: its calls split by weight shape (d_model, k|2k)
+    gate/up, (k, d_model) down, (d_model, vocab) lm_head, the rest attention projections; the
+    attention itself (clada::decode_attention, or aten's SDPA where it runs) apart."""
     ks = set(engine.k)
-    gu = down = head = attn = 0.0
+    gu = down = head = attn = sdpa = 0.0
     for e in prof.key_averages(group_by_input_shape=True):
-        if e.key != "clada::sparse_gemv_t" or not e.input_shapes or len(e.input_shapes[1]) != 2:
+        if e.key in ATTENTION_OPS:
+            sdpa += e.cpu_time_total
+        if e.key not in GEMV_OPS or not e.input_shapes or len(e.input_shapes[1]) != 2:
             continue
         rows, cols = e.input_shapes[1]
         if cols == vocab:
@@ -97,6 +108,7 @@ def _gemv_profile(prof, engine, vocab, wall, steps) -> dict:
             attn += e.cpu_time_total
     ms = 1e-3 / steps  # profiler us over all steps -> ms per token
     total = wall * 1e3 / steps
+    gbps = weight_bytes / steps / (total * 1e-3) / 1e9 if weight_bytes else float("nan")
     return dict(ms_per_token=total, mlp_ms=(gu + down) * ms, mlp_down_ms=down * ms, mlp_gate_up_ms=gu * ms,
-                attn_proj_ms=attn * ms, lm_head_ms=head * ms, other_ms=total - (gu + down + head + attn) * ms,
-                steps=steps)
+                attn_proj_ms=attn * ms, attention_ms=sdpa * ms, lm_head_ms=head * ms,
+                other_ms=total - (gu + down + head + attn + sdpa) * ms, weight_gb_per_s=gbps, steps=steps)

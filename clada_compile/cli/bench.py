@@ -114,7 +114,8 @@ def main_impl(argv=None):
                    help="llama.cpp, ONNX Runtime, HF and CLADA engines side by side, interleaved "
                         "(own flags: clada-bench --compare --help)")
     p.add_argument("--profile_decode", action="store_true",
-                   help="where a decode step's time goes (torch.profiler, --backend eager): MLP, its down projection, lm_head, rest")
+                   help="where a decode step's time goes (torch.profiler): MLP, its down projection, attention "
+                        "projections, attention, lm_head, rest, and the weights' GB/s")
     g = p.add_argument_group("sweep (speed-vs-quality frontier; needs --text)")
     g.add_argument("--sweep", action="store_true")
     g.add_argument("--sweep_methods", default="griffin,paper,calibrated")
@@ -127,12 +128,13 @@ def main_impl(argv=None):
     g.add_argument("--continuation_tokens", type=int, default=128)
     g.add_argument("--start_token", type=int, default=8192)
     args = p.parse_args(argv)
-    if args.profile_decode and args.backend != "eager":
-        # inductor fuses the inlined MLP body into its own kernels: nothing left to attribute by op name
-        raise ValueError(f"--profile_decode needs --backend eager, got --backend {args.backend} "
-                         "(compiled graphs fuse the MLP block, so its time cannot be split out)")
     torch.manual_seed(args.seed)
     config = config_from_args(args)
+    if args.profile_decode and args.backend != "eager" and config.kernel != "auto":
+        # with the reference kernel inductor fuses the inlined MLP body into its own kernels:
+        # nothing left to attribute by op name (the GEMV engine's projections stay clada ops)
+        raise ValueError(f"--profile_decode with --backend {args.backend} needs --kernel auto, got --kernel "
+                         f"{config.kernel} (compiled graphs fuse the reference MLP block); use --backend eager")
     if args.sweep and args.backend == "ort":
         raise ValueError("--sweep runs on the torch backends (inductor, eager); measure ORT points with --backend ort")
     if args.sweep and not args.text:
@@ -207,13 +209,16 @@ def _profile_decode(args, engine, ids):
 
     rows = {"dense": decode_profile(engine, ids, args.new_tokens, baseline=True),
             "clada": decode_profile(engine, ids, args.new_tokens)}
-    print("| decode | ms/token | MLP blocks | of which down proj. | lm_head | rest (attention, norms, host) |\n"
-          "|---|---|---|---|---|---|")
+    print("| decode | ms/token | MLP blocks | of which down proj. | attention proj. | attention | lm_head | rest "
+          "(norms, rotary, host) | weights GB/s |\n|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         t = r["ms_per_token"]
-        print(f"| {name} | {t:.2f} | {r['mlp_ms']:.2f} ({100 * r['mlp_ms'] / t:.0f}%) | {r['mlp_down_ms']:.2f} "
-              f"({100 * r['mlp_down_ms'] / t:.0f}%) | {r['lm_head_ms']:.2f} ({100 * r['lm_head_ms'] / t:.0f}%) | "
-              f"{r['other_ms']:.2f} ({100 * r['other_ms'] / t:.0f}%) |")
+
+        def cell(key):
+            return f"{r[key]:.2f} ({100 * r[key] / t:.0f}%)" if key in r else "-"
+        print(f"| {name} | {t:.2f} | {cell('mlp_ms')} | {cell('mlp_down_ms')} | {cell('attn_proj_ms')} | "
+              f"{cell('attention_ms')} | {cell('lm_head_ms')} | {cell('other_ms')} | "
+              f"{r.get('weight_gb_per_s', float('nan')):.1f} |")
     print(f"({args.backend}, {args.prompt_len} prompt tokens, {args.new_tokens} profiled steps, "
           f"{torch.get_num_threads()} threads; profiler overhead included)")
     if args.json:

@@ -1,4 +1,5 @@
-"""Input-sparse GEMV kernels.
+"""The decode kernels: input-sparse GEMV (sparse_gemv.cpp, triton_gemv.py) and attention over a
+KV cache (attention.cpp, ``decode_attention`` below).
 
 The primitive is a GEMV over transposed weights that skips small inputs::
 
@@ -57,6 +58,7 @@ import torch
 
 __all__ = [
     "KernelUnavailableError",
+    "decode_attention",
     "load_cpu_extension",
     "reference_sparse_gemv_t",
     "reference_sparse_gemv_t_q8",
@@ -64,7 +66,7 @@ __all__ = [
     "sparse_gemv_t_q8",
 ]
 
-_SOURCE = Path(__file__).with_name("sparse_gemv.cpp")
+_SOURCES = (Path(__file__).with_name("sparse_gemv.cpp"), Path(__file__).with_name("attention.cpp"))
 _CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # -fopenmp: at::parallel_for is header code that expands to OpenMP pragmas.
@@ -149,7 +151,7 @@ def load_cpu_extension():
 
             cpp_extension.load(
                 name=_extension_name(),
-                sources=[str(_SOURCE)],
+                sources=[str(src) for src in _SOURCES],
                 extra_cflags=list(_CFLAGS),
                 extra_ldflags=list(_LDFLAGS),
                 is_python_module=False,
@@ -299,6 +301,46 @@ _sparse_gemv_t_q8_op = torch.ops.clada.sparse_gemv_t_q8.default
 def sparse_gemv_t_q8(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """``where(|x| >= tau, x, 0) @ wq.float() * scale`` via ``torch.ops.clada.sparse_gemv_t_q8``."""
     return _sparse_gemv_t_q8_op(x, wq, scale, tau)
+
+
+# ---- attention at decode ---------------------------------------------------------------------
+# clada::decode_attention(q, k, v, mask, scale) = scaled_dot_product_attention(q, k, v, mask,
+# scale=scale) for (B, H, M, D) queries over (B, H, T, D) keys/values, no dropout, not causal.
+# CPU float32 with M <= 16 query rows -> the C++ kernel (attention.cpp: the cache split between
+# threads along t as well as heads); anything else -> aten's SDPA inside the op.
+torch.library.define("clada::decode_attention", "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+
+
+def _check_attention(q, k, v, mask) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"`q`, `k`, `v` must be 4-D (batch, heads, tokens, dim), got shapes {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if mask is not None and mask.dim() != 4:
+        raise ValueError(f"`mask` must be None or 4-D (broadcastable to batch, heads, queries, keys), "
+                         f"got shape {tuple(mask.shape)}")
+
+
+def _decode_attention_impl(q, k, v, mask, scale):
+    _check_attention(q, k, v, mask)
+    if q.device.type == "cpu":
+        load_cpu_extension()  # registers the C++ CPU implementation too; later calls skip this layer
+        return torch.ops.clada.decode_attention(q, k, v, mask, scale)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _decode_attention_fake(q, k, v, mask, scale):
+    _check_attention(q, k, v, mask)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+torch.library.impl("clada::decode_attention", "CompositeExplicitAutograd", _decode_attention_impl)
+torch.library.register_fake("clada::decode_attention", _decode_attention_fake)
+
+
+def decode_attention(q, k, v, mask=None, scale: float | None = None) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, mask, scale=scale)`` via ``torch.ops.clada.decode_attention``
+    (scale None: 1 / sqrt(head dim), as SDPA)."""
+    return torch.ops.clada.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else float(scale))
 
 
 def weight_bytes_read() -> int | None:

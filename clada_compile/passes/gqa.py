@@ -18,10 +18,12 @@ Returns (gm, count): SDPA nodes rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
 from torch import fx
+from torch._guards import detect_fake_mode
 
 from ._match import is_op
 
@@ -90,6 +92,13 @@ def sdpa_without_repeat_kv(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
             kwargs = {k_: v_ for k_, v_ in node.kwargs.items() if k_ != "attn_mask"}
             o = g.call_function(aten.scaled_dot_product_attention.default, (q2, k0, v0, m2), kwargs)
             out = g.call_function(aten.reshape.default, (o, [b, kvh * rep, s, d]))
+        # shapes of the new attention's inputs and output, for the passes after this one
+        with detect_fake_mode([qv]) or contextlib.nullcontext():
+            q2.meta["val"] = qv.reshape(qv.shape[0], kvh, qv.shape[2] * rep, d)
+            o.meta["val"] = q2.meta["val"].new_empty((*q2.meta["val"].shape[:3], node.meta["val"].shape[-1]))
+            if mask is not None:
+                m2.meta["val"] = mv.unsqueeze(2).expand(mv.shape[0], 1, rep, *mv.shape[2:]).reshape(
+                    mv.shape[0], 1, mv.shape[2] * rep, mv.shape[3])
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         g.erase_node(node)
