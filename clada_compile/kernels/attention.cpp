@@ -1,4 +1,4 @@
-// Attention of a few query rows over a KV cache, CPU, float32 (decode steps):
+// Attention of a few query rows over a KV cache, CPU, float32 or bfloat16 (fp32 math; decode steps):
 //   out[b,h,m,:] = softmax_t(scale * q[b,h,m,:] . k[b,h,t,:] + mask[b,h,m,t]) @ v[b,h,:,:]
 //
 // Why not aten's SDPA: at decode a layer's attention is a few query rows (grouped-query heads
@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -55,11 +56,21 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
+// bf16 -> fp32 is the bf16 bits in the upper half of the float: vectorizes as a shift
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename E>
 struct Args {
-  const float* q;
-  const float* k;
-  const float* v;
-  const float* mask_f;  // additive mask, or nullptr
+  const E* q;
+  const E* k;
+  const E* v;
+  const E* mask_f;      // additive mask (q's dtype), or nullptr
   const bool* mask_b;   // boolean mask (true = attend), or nullptr
   int64_t q_s[3], k_s[3], v_s[3], m_s[4];  // strides: q (b, h, m), k/v (b, h, t), mask (b, h, m, t)
   int64_t H, M, T, D, Dv, chunks, chunk;
@@ -68,23 +79,25 @@ struct Args {
 
 // One (batch, head, chunk of t) item: for every query row its max score, sum of exp and the
 // exp-weighted sum of V rows over the chunk. K and V rows are each read once.
-void attend_chunk(const Args& a, int64_t item, float* scores, float* mx, float* sum, float* acc) {
+template <typename E>
+void attend_chunk(const Args<E>& a, int64_t item, float* qf, float* scores, float* mx, float* sum, float* acc) {
   const int64_t bh = item / a.chunks, c = item % a.chunks, b = bh / a.H, h = bh % a.H;
   const int64_t t0 = c * a.chunk, t1 = std::min(a.T, t0 + a.chunk), n = t1 - t0;
-  const float* q = a.q + b * a.q_s[0] + h * a.q_s[1];
-  const float* k = a.k + b * a.k_s[0] + h * a.k_s[1];
-  const float* v = a.v + b * a.v_s[0] + h * a.v_s[1];
+  const E* q = a.q + b * a.q_s[0] + h * a.q_s[1];
+  const E* k = a.k + b * a.k_s[0] + h * a.k_s[1];
+  const E* v = a.v + b * a.v_s[0] + h * a.v_s[1];
   const int64_t mb = b * a.m_s[0] + h * a.m_s[1];
+  for (int64_t m = 0; m < a.M; ++m)  // the query rows in fp32, scale folded in
+    for (int64_t d = 0; d < a.D; ++d) qf[m * a.D + d] = to_float(q[m * a.q_s[2] + d]) * a.scale;
   for (int64_t t = 0; t < n; ++t) {
-    const float* kr = k + (t0 + t) * a.k_s[2];
+    const E* kr = k + (t0 + t) * a.k_s[2];
     for (int64_t m = 0; m < a.M; ++m) {
-      const float* qr = q + m * a.q_s[2];
+      const float* qr = qf + m * a.D;
       float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < a.D; ++d) s += qr[d] * kr[d];
-      s *= a.scale;
+      for (int64_t d = 0; d < a.D; ++d) s += qr[d] * to_float(kr[d]);
       const int64_t mi = mb + m * a.m_s[2] + (t0 + t) * a.m_s[3];
-      if (a.mask_f) s += a.mask_f[mi];
+      if (a.mask_f) s += to_float(a.mask_f[mi]);
       if (a.mask_b && !a.mask_b[mi]) s = -std::numeric_limits<float>::infinity();
       scores[m * n + t] = s;
     }
@@ -109,13 +122,13 @@ void attend_chunk(const Args& a, int64_t item, float* scores, float* mx, float* 
     sum[m] = total;
   }
   for (int64_t t = 0; t < n; ++t) {
-    const float* vr = v + (t0 + t) * a.v_s[2];
+    const E* vr = v + (t0 + t) * a.v_s[2];
     for (int64_t m = 0; m < a.M; ++m) {
       const float p = scores[m * n + t];
       if (p == 0.0f) continue;
       float* out = acc + m * a.Dv;
 #pragma omp simd
-      for (int64_t d = 0; d < a.Dv; ++d) out[d] += p * vr[d];
+      for (int64_t d = 0; d < a.Dv; ++d) out[d] += p * to_float(vr[d]);
     }
   }
 }
@@ -123,27 +136,28 @@ void attend_chunk(const Args& a, int64_t item, float* scores, float* mx, float* 
 bool kernel_applies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const std::optional<at::Tensor>& mask) {
   if (!q.device().is_cpu() || q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return false;
+  const auto dtype = q.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
   for (const auto* t : {&q, &k, &v})
-    if (t->scalar_type() != at::kFloat || t->stride(3) != 1) return false;
+    if (t->scalar_type() != dtype || t->stride(3) != 1) return false;
   const int64_t B = q.size(0), H = q.size(1);
   if (k.size(0) != B || v.size(0) != B || k.size(1) != H || v.size(1) != H) return false;  // broadcasts: aten
   if (q.size(2) > kMaxRows || q.size(3) > kMaxDim || v.size(3) > kMaxDim || k.size(3) != q.size(3)) return false;
   if (k.size(2) != v.size(2) || k.size(2) == 0) return false;
   if (mask) {
-    if (mask->dim() != 4 || !(mask->scalar_type() == at::kFloat || mask->scalar_type() == at::kBool)) return false;
+    if (mask->dim() != 4 || !(mask->scalar_type() == dtype || mask->scalar_type() == at::kBool)) return false;
   }
   return true;
 }
 
-at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const std::optional<at::Tensor>& mask, double scale) {
+template <typename E>
+void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& mask, double scale, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3), T = k.size(2), Dv = v.size(3);
-  at::Tensor out = at::empty({B, H, M, Dv}, q.options());
-  if (B * H * M == 0) return out;
-  Args a{};
-  a.q = q.data_ptr<float>();
-  a.k = k.data_ptr<float>();
-  a.v = v.data_ptr<float>();
+  Args<E> a{};
+  a.q = q.data_ptr<E>();
+  a.k = k.data_ptr<E>();
+  a.v = v.data_ptr<E>();
   for (int i = 0; i < 3; ++i) {
     a.q_s[i] = q.stride(i);
     a.k_s[i] = k.stride(i);
@@ -155,7 +169,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
     if (m.scalar_type() == at::kBool) {
       a.mask_b = m.data_ptr<bool>();
     } else {
-      a.mask_f = m.data_ptr<float>();
+      a.mask_f = m.data_ptr<E>();
     }
     for (int i = 0; i < 4; ++i) a.m_s[i] = m.stride(i);
   }
@@ -170,19 +184,23 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t items = B * H * a.chunks;
   std::vector<float> mx(items * M), sum(items * M), acc(items * M * Dv);
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(M * a.chunk);
+    std::vector<float> scores(M * a.chunk), qf(M * D);
     for (int64_t i = i0; i < i1; ++i)
-      attend_chunk(a, i, scores.data(), mx.data() + i * M, sum.data() + i * M, acc.data() + i * M * Dv);
+      attend_chunk(a, i, qf.data(), scores.data(), mx.data() + i * M, sum.data() + i * M, acc.data() + i * M * Dv);
   });
   // merge the chunks of each (batch, head, row): rescale to the global max
-  float* o = out.data_ptr<float>();
+  E* o = out.data_ptr<E>();
+  std::vector<float> dst(Dv);
   for (int64_t bh = 0; bh < B * H; ++bh) {
     for (int64_t r = 0; r < M; ++r) {
       float best = -std::numeric_limits<float>::infinity();
       for (int64_t c = 0; c < a.chunks; ++c) best = std::max(best, mx[(bh * a.chunks + c) * M + r]);
-      float* dst = o + (bh * M + r) * Dv;
-      std::fill(dst, dst + Dv, 0.0f);
-      if (best == -std::numeric_limits<float>::infinity()) continue;  // fully masked row: zeros
+      std::fill(dst.begin(), dst.end(), 0.0f);
+      E* row = o + (bh * M + r) * Dv;
+      if (best == -std::numeric_limits<float>::infinity()) {  // fully masked row: zeros
+        std::fill(row, row + Dv, static_cast<E>(0.0f));
+        continue;
+      }
       float total = 0.0f;
       for (int64_t c = 0; c < a.chunks; ++c) {
         const int64_t i = bh * a.chunks + c;
@@ -194,8 +212,19 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
         for (int64_t d = 0; d < Dv; ++d) dst[d] += w * src[d];
       }
       const float inv = 1.0f / total;
-      for (int64_t d = 0; d < Dv; ++d) dst[d] *= inv;
+      for (int64_t d = 0; d < Dv; ++d) row[d] = static_cast<E>(dst[d] * inv);
     }
+  }
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const std::optional<at::Tensor>& mask, double scale) {
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  if (out.numel() == 0) return out;
+  if (q.scalar_type() == at::kBFloat16) {
+    attention_typed<c10::BFloat16>(q, k, v, mask, scale, out);
+  } else {
+    attention_typed<float>(q, k, v, mask, scale, out);
   }
   return out;
 }
