@@ -50,7 +50,12 @@ def decode_profile(engine, prompt_ids, steps: int = 16, baseline: bool = False) 
     if engine.config.enabled:
         engine.select(scores)
     tok = logits[:, -1].argmax(-1, keepdim=True)
-    engine.decode(tok, torch.cat([mask, torch.ones_like(tok)], 1), past)  # warm-up
+    # warm-up, outside the profile: under inductor the first step compiles and the second
+    # recompiles with the cache length symbolic
+    for _ in range(2):
+        mask = torch.cat([mask, torch.ones_like(tok)], 1)
+        logits, past = engine.decode(tok, mask, past)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
     from .. import kernels
 
     read0 = kernels.weight_bytes_read()
