@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from .config import INPUT_GROUPS, CladaConfig
+from .direct import DirectCompiled
 from .engine import Engine, context_length_of, position_ids_from_mask
 from .graphs import CladaGraphs, build_graphs
 from .passes import inline_sparse_mlp, materialize, run_passes
@@ -90,7 +91,7 @@ class CladaModel(nn.Module, Engine):
             self.set_active(layer, torch.arange(self.k[layer]))
         self.inlined = 0  # sparse_mlp ops inlined into the inductor decode graph
         self._prefill_fn = self._compile(pre.gm)
-        self._decode_fn = self._compile(decode.gm, inline=True)
+        self._decode_fn = self._compile(decode.gm, inline=True, decode=names[:first + 1])
 
     def _decode_graph(self, decode):
         """This engine's copy of the decode graph: every projection on the GEMV kernel (unless
@@ -141,12 +142,19 @@ class CladaModel(nn.Module, Engine):
                 q["w_up"] = quantize_rows(f["w_up"])
             self.full_q.append(q)
 
-    def _compile(self, gm, inline: bool = False):
+    def _compile(self, gm, inline: bool = False, decode: list[str] | None = None):
+        """gm under the configured backend. decode: the names of the decode graph's inputs that
+        change between steps (ids, mask, positions, cache, thresholds; the engine's weights follow):
+        compiled without Dynamo's per-call guards (direct.py), the mask and cache lengths symbolic."""
         if self.config.backend == "eager":
             return gm
         if inline:  # on a copy: eager twins and the ONNX exporter share the graph with the op in it
             gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
             self.inlined = run_passes(gm, (inline_sparse_mlp,))["inline_sparse_mlp"]
+        if decode is not None:
+            dynamic = {i: (1,) if name == "attention_mask" else (2,) for i, name in enumerate(decode)
+                       if name == "attention_mask" or name.startswith("past_key_values.")}
+            return DirectCompiled(gm, len(decode), dynamic)
         return torch.compile(gm, backend="inductor", fullgraph=True)
 
     # ---- Engine: weight compaction ---------------------------------------------------------
@@ -216,11 +224,6 @@ class CladaModel(nn.Module, Engine):
             raise ValueError(f"`attention_mask` covers {total} tokens, but the cache holds {past[0].shape[2]} and "
                              f"`input_ids` adds {input_ids.shape[1]}; pass the mask of the cache and the new tokens")
         feeds = self._cache_buffers(past, total) if self.kv_in_place else past
-        # the cache grows every step: compile its length as symbolic from the first call instead of
-        # specializing on it and recompiling at step two (batch and step width stay static)
-        for t in feeds:
-            torch._dynamo.maybe_mark_dynamic(t, 2)
-        torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
         out = self._decode_fn(input_ids, attention_mask, pos, *feeds, taus, input_taus, *self._decode_weights)
         if self.kv_in_place:
             logits, kept = out[0], list(out[1:])

@@ -45,7 +45,7 @@ def context_length_of(text_config) -> int | None:
 def position_ids_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
     """Positions of the last `length` tokens; left padding does not advance the position."""
     pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp_min(0)[:, -length:]
+    return pos.clamp_min(0)[:, -length:].contiguous()  # compiled graphs see one layout whatever the mask length
 
 
 def check_taus(taus, n_layers: int) -> torch.Tensor:

@@ -50,8 +50,8 @@ def decode_profile(engine, prompt_ids, steps: int = 16, baseline: bool = False) 
     if engine.config.enabled:
         engine.select(scores)
     tok = logits[:, -1].argmax(-1, keepdim=True)
-    # warm-up, outside the profile: under inductor the first step compiles and the second
-    # recompiles with the cache length symbolic
+    # warm-up, outside the profile: under inductor the first step compiles (the cache length
+    # symbolic, direct.py), and the buffers' first pages are touched
     for _ in range(2):
         mask = torch.cat([mask, torch.ones_like(tok)], 1)
         logits, past = engine.decode(tok, mask, past)

@@ -1,0 +1,109 @@
+"""The decode graph under inductor without Dynamo: a compiled call that checks only what can change.
+
+torch.compile guards every call with ~1,200 checks over the decode graph's ~500 inputs (a
+TENSOR_MATCH per weight, module-attribute type checks) and runs Dynamo's and AOTAutograd's Python
+wrappers around inductor's code: measured on SmolLM2 int8, ~1.7 ms of a ~10 ms step. But the
+engine fixes most of those inputs: only the first `n_varying` (token ids, mask, positions, KV
+cache, thresholds) change between calls; the weights are the engine's own tensors, updated in place
+by re-selection. So the graph is compiled once per call signature with
+torch._inductor.standalone_compile (the same inductor code torch.compile would run) over fake
+inputs whose growing dims (the cache and mask lengths) are symbolic, and a call checks:
+
+- the signature of the varying inputs: dtype, static sizes, strides of the all-static ones;
+- the symbolic-shape guards inductor's code assumed (mask length <= cache capacity, a capacity
+  that differs from the mask length, strides of the dynamic tensors), as one expression compiled
+  from the ShapeEnv that traced them.
+
+A call whose signature is new compiles a new variant; one that fails every variant's guards for
+its signature compiles another with its own sizes as hints (Dynamo recompiles in the same cases).
+Past `max_variants` a warning names the cause and calls run the graph eagerly (correct, slower).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import fx
+
+
+class DirectCompiled:
+    """Callable: gm(*args) compiled by inductor, without per-call guards on the fixed inputs.
+
+    gm: a GraphModule this object may own and mutate (pass a private copy).
+    n_varying: how many leading inputs change between calls; the rest must be the same tensors
+        (or same-shaped tensors updated in place) on every call.
+    dynamic: input index -> the dims compiled as symbolic (e.g. the KV cache's length)."""
+
+    def __init__(self, gm: fx.GraphModule, n_varying: int, dynamic: dict[int, tuple[int, ...]],
+                 max_variants: int = 8):
+        if max_variants < 1:
+            raise ValueError(f"`max_variants` must be >= 1, got {max_variants}")
+        self.gm = gm
+        self.n_varying = n_varying
+        self.dynamic = {i: frozenset(dims) for i, dims in dynamic.items()}
+        self.max_variants = max_variants
+        self.variants: dict[tuple, list] = {}  # signature -> [(guard code or None, compiled)]
+        self.compiles = 0
+        self._eager = False
+
+    def signature(self, args) -> tuple:
+        sig = []
+        for i, a in enumerate(args[:self.n_varying]):
+            dims = self.dynamic.get(i)
+            if dims is None:  # a size-1 dim's stride addresses nothing (inductor's asserts skip it too)
+                sig.append((a.dtype, a.shape, tuple(st if n != 1 else 0 for n, st in zip(a.shape, a.stride()))))
+            else:  # strides of a tensor with a symbolic dim are checked by the shape guards
+                sig.append((a.dtype, tuple(-1 if d in dims else s for d, s in enumerate(a.shape))))
+        sig.append(len(args))
+        return tuple(sig)
+
+    def __call__(self, *args):
+        if self._eager:
+            return self.gm(*args)
+        sig = self.signature(args)
+        variants = self.variants.setdefault(sig, [])
+        varying = {f"t{i}": a for i, a in enumerate(args[:self.n_varying])}
+        for code, fn in variants:
+            if code is None or eval(code, _GUARD_GLOBALS, {"L": varying}):
+                return fn(*args)
+        if self.compiles >= self.max_variants:
+            warnings.warn(f"the decode graph was compiled for {self.compiles} call signatures (batch size, step "
+                          "width, threshold shapes); running it eagerly from now on. Keep those fixed per engine "
+                          "to stay compiled.", RuntimeWarning, stacklevel=3)
+            self._eager = True
+            return self.gm(*args)
+        code, fn = self._compile(args)
+        variants.append((code, fn))
+        return fn(*args)
+
+    def _compile(self, args):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+        fakes = []
+        for i, a in enumerate(args):
+            dims = self.dynamic.get(i, frozenset())
+            ctx = StatelessSymbolicContext(
+                dynamic_sizes=[DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC for d in range(a.dim())])
+            fakes.append(fake_mode.from_tensor(a, symbolic_context=ctx))
+        # a fresh GraphModule per variant (standalone_compile takes ownership of the one it gets);
+        # its attributes (the weights) are shared with self.gm, not copied
+        gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+        with torch.no_grad():
+            fn = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_example_inputs",
+                                                    fake_mode=fake_mode, donate_graph_module=True)
+        code = fake_mode.shape_env.produce_guards_expression(fakes[:self.n_varying])
+        self.compiles += 1
+        return (None if code is None else compile(code, "<clada decode guards>", "eval")), fn
+
+
+def _guard_globals() -> dict:
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+    return dict(SYMPY_INTERP)
+
+
+_GUARD_GLOBALS = _guard_globals()
