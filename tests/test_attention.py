@@ -32,6 +32,8 @@ SHAPES = [  # B, H, M (query rows), T (cached tokens), D, Dv
     (1, 4, 16, 1500, 128, 128),  # the most query rows the kernel takes; chunks of <= 1024 keys
     (1, 2, 5, 3000, 64, 32),  # value dim != key dim
     (2, 3, 2, 1, 64, 64),  # one cached token
+    (1, 2, 7, 300, 64, 64),  # Qwen2.5-0.5B: 14 query heads on 2 KV heads (value rows in passes of 6 + 1)
+    (1, 1, 4, 200, 256, 256),  # Gemma-3: head dim 256 (vector dot products, generic value loop)
 ]
 
 
