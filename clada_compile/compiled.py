@@ -154,7 +154,8 @@ class CladaModel(nn.Module, Engine):
         if decode is not None:
             dynamic = {i: (1,) if name == "attention_mask" else (2,) for i, name in enumerate(decode)
                        if name == "attention_mask" or name.startswith("past_key_values.")}
-            return DirectCompiled(gm, len(decode), dynamic)
+            cpp_wrapper = None if self.config.wrapper is None else self.config.wrapper == "cpp"
+            return DirectCompiled(gm, len(decode), dynamic, cpp_wrapper=cpp_wrapper)
         return torch.compile(gm, backend="inductor", fullgraph=True)
 
     # ---- Engine: weight compaction ---------------------------------------------------------

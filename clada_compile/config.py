@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 BACKENDS = ("inductor", "eager")
 KERNELS = ("auto", "reference")
+WRAPPERS = ("cpp", "python")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 SCHEDULES = ("static", "clada", "continuous")
 SIGNALS = ("both", "entropy", "surprisal")
@@ -65,6 +66,9 @@ class CladaConfig:
     reselect: re-select the backbone on high-load events.
     enabled: False runs the dense model through the same graphs (baseline).
     backend: "inductor" (torch.compile) or "eager" (the rewritten graph run as Python, for debugging).
+    wrapper: the code around the decode graph's inductor kernels (direct.py), backend="inductor"
+        only: "cpp" (the default there: inductor's C++ wrapper, 1.1-1.5x faster SmolLM2 steps, about
+        twice the compile time) or "python" (inductor's Python wrapper: quicker to compile).
     kernel: "auto": every decode projection (q/k/v/o, gate/up, down, lm_head) on the C++
         input-sparse GEMV kernel (passes/gemv.py; error if the build fails); "reference": the
         masked dense matmul of lower_decode's graph (torch's linear for the other projections).
@@ -96,6 +100,7 @@ class CladaConfig:
     reselect: bool = False
     enabled: bool = True
     backend: str = "inductor"
+    wrapper: str | None = None
     kernel: str = "auto"
     precision: str = "fp32"
     sparsify: tuple | None = None
@@ -117,6 +122,11 @@ class CladaConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("load_signal", self.load_signal, SIGNALS)
         _check_choice("backend", self.backend, BACKENDS)
+        if self.wrapper is not None:
+            _check_choice("wrapper", self.wrapper, WRAPPERS)
+            if self.backend != "inductor":
+                raise ValueError(f"`wrapper` applies to backend='inductor' (the compiled decode graph), got backend="
+                                 f"{self.backend!r}; leave `wrapper` unset")
         if self.kernel == "cpp":  # the old synonym of "auto": one name per behaviour
             raise ValueError("`kernel` 'cpp' is now called 'auto' (the C++ GEMV kernel on CPU); pass kernel='auto'")
         _check_choice("kernel", self.kernel, KERNELS)

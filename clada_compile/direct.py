@@ -14,6 +14,12 @@ inputs whose growing dims (the cache and mask lengths) are symbolic, and a call 
   that differs from the mask length, strides of the dynamic tensors), as one expression compiled
   from the ShapeEnv that traced them.
 
+Inductor generates the variant's wrapper in C++ (`cpp_wrapper`): the default Python wrapper runs
+~50 Python statements per layer every step (buffer views, size asserts, each kernel and custom op
+called through Python); the C++ one calls them directly. SmolLM2 int8 dense, one process, the two
+wrappers alternated per round, median step 12.66 -> 7.82 ms (1.62x; docs/BENCHMARKS.md), the same
+logits bit for bit. The price is compile time (SmolLM2: ~70 s instead of ~30 s, once per variant).
+
 A call whose signature is new compiles a new variant; one that fails every variant's guards for
 its signature compiles another with its own sizes as hints (Dynamo recompiles in the same cases).
 Past `max_variants` a warning names the cause and calls run the graph eagerly (correct, slower).
@@ -34,16 +40,21 @@ class DirectCompiled:
     gm: a GraphModule this object may own and mutate (pass a private copy).
     n_varying: how many leading inputs change between calls; the rest must be the same tensors
         (or same-shaped tensors updated in place) on every call.
-    dynamic: input index -> the dims compiled as symbolic (e.g. the KV cache's length)."""
+    dynamic: input index -> the dims compiled as symbolic (e.g. the KV cache's length).
+    cpp_wrapper: inductor's C++ wrapper (module docstring); False keeps its Python wrapper; None
+        takes `cpp_wrapper_default` (True; the test suite sets it False for quicker compiles)."""
+
+    cpp_wrapper_default = True
 
     def __init__(self, gm: fx.GraphModule, n_varying: int, dynamic: dict[int, tuple[int, ...]],
-                 max_variants: int = 8):
+                 max_variants: int = 8, cpp_wrapper: bool | None = None):
         if max_variants < 1:
             raise ValueError(f"`max_variants` must be >= 1, got {max_variants}")
         self.gm = gm
         self.n_varying = n_varying
         self.dynamic = {i: frozenset(dims) for i, dims in dynamic.items()}
         self.max_variants = max_variants
+        self.cpp_wrapper = self.cpp_wrapper_default if cpp_wrapper is None else cpp_wrapper
         self.variants: dict[tuple, list] = {}  # signature -> [(guard code or None, compiled)]
         self.compiles = 0
         self._eager = False
@@ -92,7 +103,13 @@ class DirectCompiled:
         # a fresh GraphModule per variant (standalone_compile takes ownership of the one it gets);
         # its attributes (the weights) are shared with self.gm, not copied
         gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
-        with torch.no_grad():
+        # inductor's cpp_wrapper path takes its example inputs from the placeholders' meta["val"]
+        # when any is set; the passes add placeholders without one (a None input breaks tracing),
+        # so none is kept and the fakes above are used for every input
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                node.meta.pop("val", None)
+        with torch.no_grad(), torch._inductor.config.patch(cpp_wrapper=self.cpp_wrapper):
             fn = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_example_inputs",
                                                     fake_mode=fake_mode, donate_graph_module=True)
         code = fake_mode.shape_env.produce_guards_expression(fakes[:self.n_varying])

@@ -15,6 +15,17 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _python_decode_wrapper(monkeypatch):
+    """Decode graphs compile with inductor's Python wrapper in this suite unless a test asks for
+    the C++ one (CladaConfig(wrapper="cpp"), DirectCompiled(cpp_wrapper=True)): the C++ wrapper,
+    the default for users, compiles about twice as long, and the suite compiles dozens of graphs.
+    The tests marked for it check the C++ wrapper against the same oracles."""
+    from clada_compile.direct import DirectCompiled
+
+    monkeypatch.setattr(DirectCompiled, "cpp_wrapper_default", False)
+
+
 @functools.lru_cache(maxsize=None)
 def graphs_for(name: str):
     """(model, CladaGraphs) per tiny architecture, built once per test session."""

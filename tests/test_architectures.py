@@ -99,6 +99,16 @@ def test_prompt_up_to_the_context_limit(name):
     assert out.sequences.shape == (1, limit)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_cpp_wrapper_decode_matches_hf(name):
+    """wrapper="cpp" (the users' default; this suite compiles with the Python wrapper, conftest)."""
+    model, graphs = graphs_for(name)
+    cm = CladaModel(model, graphs, CladaConfig(top_k_ratio=1.0, backend="inductor", wrapper="cpp"))
+    assert cm._decode_fn.cpp_wrapper
+    _check(model, cm, torch.randint(3, 90, (2, 8)))
+
+
 def test_short_prompts_under_inductor():
     model, graphs = graphs_for("llama")
     cm = CladaModel(model, graphs, CladaConfig(top_k_ratio=1.0, backend="inductor"))

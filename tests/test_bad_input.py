@@ -115,6 +115,13 @@ def test_generate_bad_numbers(tiny_dir, tmp_path, capsys, no_loading, flag, valu
     _fails(main, argv, capsys, message)
 
 
+def test_wrapper_outside_inductor_is_an_error(tiny_dir, tmp_path, capsys, no_loading):
+    from clada_compile.cli.generate import main
+
+    _fails(main, _generate(tiny_dir, tmp_path / "out", "--wrapper", "python"), capsys,
+           "--wrapper python applies to --backend inductor", "got --backend eager")
+
+
 def test_prompt_line_that_is_not_an_object(tiny_dir, tmp_path, capsys, no_loading):
     from clada_compile.cli.generate import main
 

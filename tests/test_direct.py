@@ -70,3 +70,14 @@ def test_past_max_variants_warns_and_runs_eagerly():
         out = fn(*args)
     torch.testing.assert_close(out, _step(*args), atol=1e-5, rtol=1e-5)
     assert fn.compiles == 1
+
+
+@torch.no_grad()
+def test_cpp_wrapper_matches_eager_and_keeps_the_symbolic_length():
+    fn = _compiled(cpp_wrapper=True)
+    assert fn.cpp_wrapper
+    for length in (5, 9, 12):
+        args = _args(length=length)
+        torch.testing.assert_close(fn(*args), _step(*args), atol=1e-5, rtol=1e-5)
+    assert fn.compiles == 1
+

@@ -22,11 +22,18 @@ from tiny import build
     ("kernel", "cuda", "`kernel` must be one of 'auto', 'reference', got 'cuda'"),
     ("kernel", "cpp", "`kernel` 'cpp' is now called 'auto'"),  # one name per behaviour
     ("precision", "int4", "`precision` must be one of 'fp32', 'bf16', 'fp16', 'int8', got 'int4'"),
+    ("wrapper", "c++", "`wrapper` must be one of 'cpp', 'python', got 'c++'"),
 ])
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError) as err:
         CladaConfig(**{field: value})
     assert message in str(err.value)
+
+
+def test_wrapper_is_an_error_outside_inductor():
+    with pytest.raises(ValueError, match="`wrapper` applies to backend='inductor'.*got backend='eager'"):
+        CladaConfig(backend="eager", wrapper="python")
+    assert CladaConfig(wrapper="python").wrapper == "python"
 
 
 def test_config_is_frozen_and_presets():

@@ -15,6 +15,9 @@ def add_model_flags(p: argparse.ArgumentParser):
     p.add_argument("--model_path", default="smollm2",
                    help="smollm2 | gemma3-270m | qwen2.5-coder-0.5b | file.gguf | HF directory")
     p.add_argument("--backend", default="inductor", choices=["inductor", "eager", "ort"])
+    p.add_argument("--wrapper", default=None, choices=["cpp", "python"],
+                   help="--backend inductor: the decode graph's wrapper, cpp (default: faster steps) or python "
+                        "(quicker to compile)")
     p.add_argument("--onnx_dir", default=None, help="clada-export --onnx output (for --backend ort)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
                    help="weights of the decode projections; int8: weight-only, per output channel (torch backends)")
@@ -61,6 +64,11 @@ def config_from_args(args, **extra):
         kw["profile"] = shipped_profile(args.model_path)  # the embedded model's own calibration
     if getattr(args, "backend", "inductor") in ("inductor", "eager"):
         kw["backend"] = args.backend
+    if getattr(args, "wrapper", None) is not None:
+        if args.backend != "inductor":
+            raise ValueError(f"--wrapper {args.wrapper} applies to --backend inductor (the compiled decode graph), "
+                             f"got --backend {args.backend}; drop --wrapper")
+        kw["wrapper"] = args.wrapper
     if args.low_memory_mode and args.backend == "ort":
         raise ValueError("--low_memory_mode does nothing at run time with --backend ort: the export decides the "
                          "weights' precision; export with `clada-export --onnx --low_memory_mode` instead")
