@@ -107,6 +107,8 @@ def test_cpp_wrapper_decode_matches_hf(name):
     cm = CladaModel(model, graphs, CladaConfig(top_k_ratio=1.0, backend="inductor", wrapper="cpp"))
     assert cm._decode_fn.cpp_wrapper
     _check(model, cm, torch.randint(3, 90, (2, 8)))
+    python = CladaModel(model, graphs, CladaConfig(top_k_ratio=1.0, backend="inductor", wrapper="python"))
+    assert python._decode_fn.cpp_wrapper is False  # compiled lazily, on the first decode
 
 
 def test_short_prompts_under_inductor():
