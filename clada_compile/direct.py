@@ -17,8 +17,8 @@ inputs whose growing dims (the cache and mask lengths) are symbolic, and a call 
 Inductor generates the variant's wrapper in C++ (`cpp_wrapper`): the default Python wrapper runs
 ~50 Python statements per layer every step (buffer views, size asserts, each kernel and custom op
 called through Python); the C++ one calls them directly. SmolLM2 int8 dense, one process, the two
-wrappers alternated per round, median step 12.66 -> 7.82 ms (1.62x; docs/BENCHMARKS.md), the same
-logits bit for bit. The price is compile time (SmolLM2: ~70 s instead of ~30 s, once per variant).
+wrappers alternated per round, median step 11.77 -> 7.99 ms (1.47x; another run 1.62x;
+docs/BENCHMARKS.md), the same logits bit for bit. The price is compile time (SmolLM2: ~70 s instead of ~30 s, once per variant).
 
 A call whose signature is new compiles a new variant; one that fails every variant's guards for
 its signature compiles another with its own sizes as hints (Dynamo recompiles in the same cases).

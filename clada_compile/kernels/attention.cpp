@@ -114,7 +114,7 @@ void values_generic(const Args<E>& a, const E* v, const float* scores, int64_t n
 }
 
 #if defined(__AVX512F__)
-// AVX-512, head dims of 64 / 128 / 256. The generic loops above keep a query row's output
+// AVX-512: dot products for head dims 64 / 128 / 256, the value pass for 64 / 128. The generic loops above keep a query row's output
 // accumulator in memory (a load and a store per cache row and 16 columns) and take each dot
 // product with its own reduction; the vector code here holds a cache row's K in registers for every
 // query row's dot product, and the V pass holds all of a pass's output rows x columns in
@@ -130,8 +130,9 @@ inline __m512 load16(const c10::BFloat16* p) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-template <int J, typename E>  // J = D / 16
+template <int J, typename E>  // J = D / 16: 4, 8 or 16
 void scores_avx512(const Args<E>& a, const E* k, const E* v, const float* qf, int64_t n, float* scores) {
+  static_assert(J >= 2 && J % 2 == 0, "two accumulator chains over an even number of blocks");
   const int64_t v_bytes = a.Dv * static_cast<int64_t>(sizeof(E));
   for (int64_t t = 0; t < n; ++t) {
     const E* kr = k + t * a.k_s[2];
@@ -144,10 +145,10 @@ void scores_avx512(const Args<E>& a, const E* k, const E* v, const float* qf, in
     for (int64_t m = 0; m < a.M; ++m) {
       const float* qr = qf + m * a.D;
       __m512 s0 = _mm512_mul_ps(load16(qr), kv[0]);
-      __m512 s1 = J > 1 ? _mm512_mul_ps(load16(qr + 16), kv[J > 1 ? 1 : 0]) : _mm512_setzero_ps();
+      __m512 s1 = _mm512_mul_ps(load16(qr + 16), kv[1]);
       for (int j = 2; j < J; j += 2) {
         s0 = _mm512_fmadd_ps(load16(qr + 16 * j), kv[j], s0);
-        if (j + 1 < J) s1 = _mm512_fmadd_ps(load16(qr + 16 * (j + 1)), kv[j + 1], s1);
+        s1 = _mm512_fmadd_ps(load16(qr + 16 * (j + 1)), kv[j + 1], s1);
       }
       scores[m * n + t] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
     }
@@ -175,10 +176,10 @@ void values_rows_avx512(const Args<E>& a, const E* v, const float* scores, int64
     for (int j = 0; j < J; ++j) _mm512_storeu_ps(acc + r * a.Dv + 16 * j, o[r][j]);
 }
 
-// Rows in passes of at most kRows(J), so accumulators + one V row fit the 32 vector registers.
+// Rows in passes of at most kRows, so accumulators + one V row fit the 32 vector registers.
 template <int J, typename E>
 void values_avx512(const Args<E>& a, const E* v, const float* scores, int64_t n, float* acc) {
-  constexpr int64_t kRows = J >= 8 ? 2 : 24 / J;
+  constexpr int kRows = J >= 8 ? 2 : 24 / J;
   for (int64_t m0 = 0; m0 < a.M; m0 += kRows) {
     const float* s = scores + m0 * n;
     float* o = acc + m0 * a.Dv;
@@ -188,7 +189,7 @@ void values_avx512(const Args<E>& a, const E* v, const float* scores, int64_t n,
       case 3: values_rows_avx512<3, J>(a, v, s, n, o); break;
       case 4: values_rows_avx512<4, J>(a, v, s, n, o); break;
       case 5: values_rows_avx512<5, J>(a, v, s, n, o); break;
-      default: values_rows_avx512<(J >= 8 ? 2 : 24 / J), J>(a, v, s, n, o); break;
+      default: values_rows_avx512<kRows, J>(a, v, s, n, o); break;
     }
   }
 }
