@@ -26,12 +26,17 @@ def _impl_for(config: CladaConfig) -> str:
 
 
 def cache_capacity(length: int, total: int, context_length: int | None) -> int:
-    """Tokens a new KV buffer holds: this call's `total`, and room to grow (256 tokens or the
-    cached length again, whichever is more) within the model's context when it states one."""
+    """Tokens a new KV buffer holds: more than this call's `total`, with room to grow (256 tokens
+    or the cached length again, whichever is more) within the model's context when it states one.
+
+    Always at least one row more than the tokens in it: the compiled decode graph assumes the
+    mask is shorter than the buffer (a symbolic-shape guard, direct.py), and a buffer filled
+    exactly would compile a second variant of the graph (over a minute with the C++ wrapper) for
+    that one step."""
     capacity = max(2 * length, length + 256)
     if context_length:
-        capacity = min(capacity, context_length)
-    return max(total, capacity)
+        capacity = min(capacity, context_length + 1)
+    return max(total + 1, capacity)
 
 
 class CladaModel(nn.Module, Engine):
@@ -241,7 +246,7 @@ class CladaModel(nn.Module, Engine):
         In place only when `past` is what this engine's last decode returned (the tuple itself:
         a prefix of it, or a cache from a prefill or another engine, is copied into new buffers,
         so a caller may branch from an older cache without it being overwritten)."""
-        if past is self._presents and self._kv[0].shape[2] >= total:
+        if past is self._presents and self._kv[0].shape[2] > total:  # never full: cache_capacity
             return self._kv
         capacity = cache_capacity(past[0].shape[2], total, self.context_length)
         bufs = []

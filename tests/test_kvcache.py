@@ -108,15 +108,32 @@ def test_buffer_grows_past_its_capacity():
     _, past = cm.decode(ids[:, 5:6], torch.ones(1, 6, dtype=torch.long), past)
     assert cm._kv[0].shape[2] == cache_capacity(5, 6, cm.context_length) == 261
     logits, past = cm.decode(ids[:, 6:], torch.ones(1, 300, dtype=torch.long), past)
-    assert cm._kv[0].shape[2] == 300 and past[0].shape[2] == 300
+    assert cm._kv[0].shape[2] == 301 and past[0].shape[2] == 300
     torch.testing.assert_close(logits, ref[:, 6:], atol=1e-4, rtol=1e-4)
+
+
+def test_growing_past_the_buffer_compiles_once():
+    """Steps that fill the first buffer and move to a larger one run one compiled variant: the
+    buffer is never exactly full (cache_capacity), which the graph's shape guards would reject."""
+    model, graphs = graphs_for("llama")
+    cm = CladaModel(model, graphs, CladaConfig(backend="inductor", enabled=False))
+    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    logits, past, _ = cm.prefill(ids, taus=torch.zeros(cm.n_layers))
+    first = cache_capacity(5, 6, cm.context_length)
+    t = logits[:, -1:].argmax(-1)
+    for total in range(6, first + 3):
+        logits, past = cm.decode(t, torch.ones(1, total, dtype=torch.long), past)
+        t = logits[:, -1:].argmax(-1)
+        assert cm._kv[0].shape[2] > total
+    assert cm._kv[0].shape[2] > first and cm._decode_fn.compiles == 1
 
 
 def test_capacity_stays_within_the_context():
     assert cache_capacity(100, 101, None) == 356
     assert cache_capacity(1000, 1001, None) == 2000
-    assert cache_capacity(100, 101, 128) == 128
-    assert cache_capacity(100, 140, 128) == 140  # a caller past the context gets what it asked for
+    assert cache_capacity(100, 101, 128) == 129  # the context, and the spare row
+    assert cache_capacity(100, 140, 128) == 141  # a caller past the context gets what it asked for
+    assert cache_capacity(5, 400, None) == 401  # never exactly full
 
 
 def test_mask_that_does_not_cover_the_cache_is_an_error():
