@@ -8,6 +8,7 @@ copies into those tensors in place, so neither a new threshold nor a re-selectio
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import fx, nn
@@ -37,6 +38,29 @@ def cache_capacity(length: int, total: int, context_length: int | None) -> int:
     if context_length:
         capacity = min(capacity, context_length + 1)
     return max(total + 1, capacity)
+
+
+class CachePrefix(Sequence):
+    """The presents of a decode step whose cache is written in place: per layer and kind, the first
+    `length` rows of the engine's buffer, as a sequence of (B, H, length, D) views made when read.
+
+    Making the 2 x n_layers views eagerly cost ~0.15 ms a step (SmolLM2: 60 slices), while the
+    generation loop only hands the sequence back to the next decode, which recognizes it and
+    writes on into the same buffers."""
+
+    __slots__ = ("buffers", "length")
+
+    def __init__(self, buffers, length: int):
+        self.buffers = buffers
+        self.length = length
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [b[:, :, :self.length] for b in self.buffers[i]]
+        return self.buffers[i][:, :, :self.length]
 
 
 class CladaModel(nn.Module, Engine):
@@ -233,7 +257,7 @@ class CladaModel(nn.Module, Engine):
         out = self._decode_fn(input_ids, attention_mask, pos, *feeds, taus, input_taus, *self._decode_weights)
         if self.kv_in_place:
             logits, kept = out[0], list(out[1:])
-            presents = self._presents = tuple(b[:, :, :total] for b in feeds)
+            presents = self._presents = CachePrefix(feeds, total)
         else:
             logits, presents, kept = self._split_outputs(out)
         if with_active:

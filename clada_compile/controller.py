@@ -26,12 +26,31 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import CladaConfig
+from .kernels import token_signals_cpu
 
 
 def token_signals(logits: torch.Tensor, tokens: torch.Tensor):
     """(B, V) logits of the distribution each token was drawn from, (B,) tokens ->
     (surprisal, entropy, nonfinite), each (B,), normalized by log2(V)."""
-    logits = logits.float()
+    return next_token_signals(logits, tokens)[1:]
+
+
+def next_token_signals(logits: torch.Tensor, tokens: torch.Tensor | None = None):
+    """token_signals, and the tokens: None picks the greedy ones (the first argmax) -> (tokens,
+    surprisal, entropy, nonfinite). On CPU float32/bfloat16 logits with the C++ extension loaded,
+    one kernel does it all in two passes over the vocabulary (kernels/logits.cpp: ~8x less than
+    the torch composition below, which is the reference and the path everywhere else)."""
+    got = token_signals_cpu(logits, tokens)
+    if got is not None:
+        return got
+    if tokens is None:
+        tokens = logits.argmax(-1)
+    return (tokens, *reference_token_signals(logits, tokens))
+
+
+def reference_token_signals(logits: torch.Tensor, tokens: torch.Tensor):
+    """token_signals in torch ops."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
     norm = math.log2(logits.shape[-1])
     logp = torch.log_softmax(logits, dim=-1)
     p = logp.exp()

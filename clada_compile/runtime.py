@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .controller import Controller, token_signals
+from .controller import Controller, next_token_signals
 
 
 @dataclass
@@ -74,10 +74,8 @@ def _check_token_ids(engine, ids, name):
                          f"was it tokenized with another model's tokenizer?")
 
 
-def _next_token(logits, do_sample, temperature, top_p, generator):
-    """(B, V) -> (B,) token ids, and the (B, V) logits of the distribution they were drawn from."""
-    if not do_sample:
-        return logits.argmax(-1), logits
+def _sample_token(logits, temperature, top_p, generator):
+    """(B, V) -> (B,) sampled token ids, and the (B, V) logits of the distribution they were drawn from."""
     logits = logits.float() / temperature
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
@@ -146,12 +144,15 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
         last = logits[:, -1]
         if forced is not None:
             tok, dist = forced[:, step], last
-        else:
-            tok, dist = _next_token(last, do_sample, temperature, top_p, generator)
-        if eos:
-            pad = next(iter(eos))
-            tok = torch.where(done, torch.full_like(tok, pad), tok)
-        sur, ent, nonfinite = token_signals(dist, tok)
+        elif do_sample:
+            tok, dist = _sample_token(last, temperature, top_p, generator)
+        else:  # greedy: the argmax comes with the signals, one pass over the vocabulary
+            tok, dist = None, last
+        if eos and tok is not None:
+            tok = torch.where(done, torch.full_like(tok, next(iter(eos))), tok)
+        tok, sur, ent, nonfinite = next_token_signals(dist, tok)
+        if eos and done.any():  # finished rows emit padding; their signals are not counted (`live`)
+            tok = torch.where(done, torch.full_like(tok, next(iter(eos))), tok)
         live = ~done
         s_mean = float(sur[live].mean()) if live.any() else 0.0
         e_mean = float(ent[live].mean()) if live.any() else 0.0

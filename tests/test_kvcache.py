@@ -98,6 +98,22 @@ def test_steps_write_in_place_and_match_hf(backend):
     torch.testing.assert_close(logits, ref[:, 7:9], atol=1e-5, rtol=1e-4)
 
 
+def test_presents_are_views_of_the_buffers():
+    """What a decode step hands out: a sequence of (B, H, length, D) views of the engine's buffers,
+    read like the tuple it replaces (index, slice, iterate, len)."""
+    model, graphs = graphs_for("llama")
+    cm = CladaModel(model, graphs, CladaConfig(backend="eager", enabled=False))
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    _, past, _ = cm.prefill(ids[:, :5], taus=torch.zeros(cm.n_layers))
+    _, p6 = cm.decode(ids[:, 5:6], torch.ones(1, 6, dtype=torch.long), past)
+    _, p7 = cm.decode(ids[:, 6:7], torch.ones(1, 7, dtype=torch.long), p6)
+    assert len(p7) == len(past) == 2 * cm.n_layers
+    assert [t.shape[2] for t in p7] == [7] * len(p7) and [t.shape[2] for t in p6] == [6] * len(p6)
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(p6, p7))  # same buffers, longer views
+    assert [t.shape for t in p7[1::2]] == [p7[i].shape for i in range(1, len(p7), 2)]
+    torch.testing.assert_close(p7[0][:, :, :5], past[0], atol=0, rtol=0)
+
+
 def test_buffer_grows_past_its_capacity():
     model, graphs = graphs_for("llama")
     cm = CladaModel(model, graphs, CladaConfig(backend="eager", enabled=False))

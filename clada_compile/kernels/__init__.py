@@ -64,9 +64,10 @@ __all__ = [
     "reference_sparse_gemv_t_q8",
     "sparse_gemv_t",
     "sparse_gemv_t_q8",
+    "token_signals_cpu",
 ]
 
-_SOURCES = (Path(__file__).with_name("sparse_gemv.cpp"), Path(__file__).with_name("attention.cpp"))
+_SOURCES = tuple(Path(__file__).with_name(f) for f in ("sparse_gemv.cpp", "attention.cpp", "logits.cpp"))
 _CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # -fopenmp: at::parallel_for is header code that expands to OpenMP pragmas.
@@ -351,3 +352,16 @@ def weight_bytes_read() -> int | None:
         return int(torch.ops.clada_cpu.weight_bytes_read())
     except (AttributeError, RuntimeError):
         return None
+
+
+def token_signals_cpu(logits: torch.Tensor, tokens: torch.Tensor | None = None):
+    """controller.token_signals with the tokens, by the C++ kernel (logits.cpp): (tokens, surprisal,
+    entropy, nonfinite), tokens None = the greedy ones. None where it does not apply: logits that
+    are not a CPU float32/bfloat16 (B, V) tensor, or the extension not loaded in this process
+    (this never builds it: an ONNX Runtime deployment needs no compiler)."""
+    if (_cpu_extension is None or logits.device.type != "cpu" or logits.dtype not in _CPU_KERNEL_DTYPES
+            or logits.dim() != 2 or logits.shape[1] == 0):
+        return None
+    if tokens is not None and (tokens.dtype != torch.int64 or tokens.device.type != "cpu"):
+        tokens = tokens.to("cpu", torch.int64)
+    return torch.ops.clada_cpu.token_signals_cpu(logits, tokens)
