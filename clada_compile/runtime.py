@@ -116,7 +116,8 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
     entry = engine.taus.clone()
     base = entry.clone() if base_taus is None else torch.as_tensor(base_taus, dtype=torch.float32)
     entry_in = engine.input_taus.clone()  # projection-input thresholds, scaled like `base`
-    scale_in = 1.0  # the scale they are set at now
+    scale_set = None  # the controller's scale the engine's thresholds are set at (None: not yet)
+    tau_mean = 0.0
     if not enabled:
         base = torch.zeros_like(base)
     ctl = Controller(cfg, base)
@@ -137,6 +138,7 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
     ks = torch.tensor(engine.k, dtype=torch.float32)
     backbone = ks / torch.tensor(engine.d_ff, dtype=torch.float32)
     dense_kept = ks * input_ids.shape[0] / backbone  # what a dense step reports: fraction 1
+    active_weights = backbone / (ks * input_ids.shape[0] * n_layers)  # kept -> mean active fraction
     t_dec = time.perf_counter()
     bar = tqdm(total=max_new_tokens, desc="generate", disable=not progress, leave=False)
     kept = None
@@ -153,9 +155,12 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
         tok, sur, ent, nonfinite = next_token_signals(dist, tok)
         if eos and done.any():  # finished rows emit padding; their signals are not counted (`live`)
             tok = torch.where(done, torch.full_like(tok, next(iter(eos))), tok)
-        live = ~done
-        s_mean = float(sur[live].mean()) if live.any() else 0.0
-        e_mean = float(ent[live].mean()) if live.any() else 0.0
+        if eos:
+            live = ~done
+            s_mean = float(sur[live].mean()) if live.any() else 0.0
+            e_mean = float(ent[live].mean()) if live.any() else 0.0
+        else:  # without an EOS every row is live
+            s_mean, e_mean = float(sur.mean()), float(ent.mean())
         seqs = torch.cat([seqs, tok[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(tok[:, None])], 1)
         if eos:
@@ -163,14 +168,13 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
         decision = ctl.observe(s_mean, e_mean)
         active = None
         if kept is not None:  # neurons kept by the step that produced this token's logits
-            per_layer = kept / (ks * seqs.shape[0])
-            active = float((per_layer * backbone).mean())
+            active = float(kept @ active_weights)  # mean over layers of kept / k * backbone
         elif step == 0:
             active = 1.0  # from the dense prefill
         out.records.append(dict(
             step=step, token=tok.tolist(), surprisal=s_mean, entropy=e_mean, nonfinite=bool(nonfinite.any()),
             s_threshold=ctl.s_threshold, e_threshold=ctl.e_threshold, load=decision.load,
-            tau_mean=float(engine.taus.mean()) if step else 0.0, active_fraction=active,
+            tau_mean=tau_mean if step else 0.0, active_fraction=active,
             reselect=decision.reselect,
         ))
         if forced is not None:
@@ -179,10 +183,13 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         if enabled:
-            engine.set_thresholds(decision.taus)
-            if decision.scale != scale_in:  # the input thresholds move only with the load scale
+            # the controller's thresholds are base * scale, for h and the inputs alike: the engine's
+            # change only when the scale does (set_thresholds validates: ~30 us a call)
+            if decision.scale != scale_set:
+                engine.set_thresholds(decision.taus)
                 engine.set_input_thresholds(entry_in * decision.scale)
-                scale_in = decision.scale
+                scale_set = decision.scale
+                tau_mean = float(engine.taus.mean())
             if decision.reselect:
                 # P600 reanalysis: a dense pass over everything so far scores the recent window in
                 # context; merged with the prompt's scores it re-selects the backbone, and its
