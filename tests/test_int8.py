@@ -22,7 +22,7 @@ def _quantized(K, N, seed=0):
     return q, scale, torch.randn(K, generator=g)
 
 
-@pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (100, 77), (64, 48), (129, 8200), (576, 1536)])
+@pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (100, 77), (64, 48), (129, 8200), (576, 1536), (33, 2 * 32768 + 5000 + 7)])
 @pytest.mark.parametrize("tau", [0.0, 0.7, 1e9])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_equals_float64_dequantized_product(K, N, tau, threads):

@@ -13,7 +13,7 @@
 // re-reading/re-writing the accumulator. Here a 32-column tile of the
 // accumulator (bf16 with AVX-512: 64 columns, see accumulate_rows_bf16) sits
 // in registers while kGroup weight rows are applied to it,
-// and the accumulator chunk (kChunk columns) stays in L1/L2 for the whole pass
+// and the accumulator piece (piece_width columns) stays in L1/L2 for the whole pass
 // over the rows, so DRAM traffic is essentially the active weight rows only,
 // read as kGroup sequential streams far apart in memory.
 //
@@ -47,11 +47,23 @@ namespace {
 // accumulator vectors + 8 broadcast scalars fit the 16 AVX2 registers, and 8
 // concurrent row streams keep enough loads in flight to saturate DRAM.
 constexpr int kGroup = 8;
-// Accumulator columns per pass: 8192 fp32 = 32 KiB, L1/L2 resident, while
-// keeping each row segment long (up to 32 KiB contiguous) for the hardware
-// prefetchers. (Software prefetch of the next group's rows was tried and
-// measured slower, also on the small layers with 1-3 KiB segments.)
-constexpr int64_t kChunk = 8192;
+// Columns per pass ("piece"): at most 32 KiB of each weight row (8192 fp32, 16384 bf16, 32768
+// int8 columns), long contiguous row segments for the hardware prefetchers, while the piece's
+// fp32 accumulator (32/64/128 KiB) stays in L1/L2. Pieces of one matrix are equal (multiples of
+// 64 columns): Qwen2.5's N = 9728 gate|up is two pieces of 4864, not 8192 + a 1536-column
+// remainder whose short segments stream badly. Measured against fixed 8192-column pieces for every
+// dtype (one process, 25 rounds over one step's GEMVs, paired medians, 2 threads): Qwen2.5-0.5B
+// int8 1.12x, bf16 1.07x, fp32 1.01x; SmolLM2 int8 1.02x, bf16 1.00x. (Software prefetch of the
+// next group's rows was tried and measured slower, also on the small layers with 1-3 KiB segments.)
+constexpr int64_t kPieceBytes = 32768;
+
+template <typename T>
+inline int64_t piece_width(int64_t N) {
+  const int64_t most = kPieceBytes / static_cast<int64_t>(sizeof(T));
+  if (N <= most) return most;
+  const int64_t pieces = (N + most - 1) / most;
+  return ((N + pieces - 1) / pieces + 63) / 64 * 64;  // <= most: most is a multiple of 64
+}
 // Below this many multiply-adds per thread a parallel region costs more than
 // it saves (OpenMP fork/join is a few microseconds).
 constexpr int64_t kMinWorkPerThread = 1 << 15;
@@ -147,14 +159,14 @@ inline void accumulate_rows(float* __restrict acc, int64_t n, const W* const* ro
 // so the results contract is unchanged. The price is the accumulator layout: each full 32-column
 // tile is kept as [16 even columns | 16 odd columns], and unsplit_tiles restores the column order
 // once, after the per-thread partials are summed. Tiles start at every multiple of 32 of a
-// kChunk piece; the last n % 32 columns of a piece stay in natural order (generic path).
+// piece (piece_width); the last n % 32 columns of a piece stay in natural order (generic path).
 // Measured on SmolLM2/Qwen2.5-0.5B shapes (Zen 4 VM, >= 128 MB of weights cycled, old and new
 // kernel alternated call by call in one process, median of paired ratios): 1 thread, dense
 // +4-15%, 50% of rows kept +9-25% (most on the narrow o/down layers, whose short row segments
 // are latency-bound and gain from fewer instructions per byte); 2 threads on a loaded machine
 // +3-10% (A/A control 0.99-1.01). The fp32 code is unchanged (identical assembly).
 constexpr int64_t kSplitTile = 32;
-static_assert(kChunk % kSplitTile == 0, "split tiles must not straddle kChunk pieces");
+static_assert(kPieceBytes / 2 % 64 == 0, "pieces are multiples of 64 columns: split tiles never straddle them");
 
 template <int G>
 inline void accumulate_rows_bf16(float* __restrict acc, int64_t n, const c10::BFloat16* const* rows,
@@ -206,13 +218,14 @@ inline void accumulate_rows_bf16(float* __restrict acc, int64_t n, const c10::BF
   }
 }
 
-// Undo the [even | odd] layout of every full 32-column tile of every kChunk piece of acc (N,).
+// Undo the [even | odd] layout of every full 32-column tile of every piece of acc (N,).
 inline void unsplit_tiles(float* acc, int64_t N) {
+  const int64_t piece = piece_width<c10::BFloat16>(N);  // the pieces gemv_rows walked
   // permutex2var index j < 16 picks e[j], 16 + j picks o[j]: output column 2j <- e[j], 2j+1 <- o[j].
   const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  for (int64_t cs = 0; cs < N; cs += kChunk) {
-    const int64_t end = cs + std::min(kChunk, N - cs);
+  for (int64_t cs = 0; cs < N; cs += piece) {
+    const int64_t end = cs + std::min(piece, N - cs);
     for (int64_t c = cs; c + kSplitTile <= end; c += kSplitTile) {
       const __m512 e = _mm512_loadu_ps(acc + c);
       const __m512 o = _mm512_loadu_ps(acc + c + 16);
@@ -323,7 +336,7 @@ inline void store_output(c10::BFloat16* out, const float* acc, int64_t n) {
 // floats, negligible next to the rows read). An earlier split of the output COLUMNS gave each
 // thread a short segment of every row: strided streams the prefetchers serve badly (measured
 // 14-15 GB/s on the N = 576 down projection vs 30-35 GB/s now, interleaved A/B, 160 MB working
-// sets). Columns are walked in kChunk pieces so the accumulator piece stays in L1/L2.
+// sets). Columns are walked in pieces (piece_width) so the accumulator piece stays in L1/L2.
 template <typename T>
 void gemv_rows(const T* wt, int64_t ld, const int32_t* idx, const float* val, int64_t a0, int64_t a1,
                float* acc, int64_t N) {
@@ -335,8 +348,9 @@ void gemv_rows(const T* wt, int64_t ld, const int32_t* idx, const float* val, in
   const int64_t len = (a1 - a0) / kGroup;
   const T* rows[kGroup];
   float vals[kGroup];
-  for (int64_t cs = 0; cs < N; cs += kChunk) {
-    const int64_t n = std::min(kChunk, N - cs);
+  const int64_t piece = piece_width<T>(N);
+  for (int64_t cs = 0; cs < N; cs += piece) {
+    const int64_t n = std::min(piece, N - cs);
     for (int64_t j = 0; j < len; ++j) {
       for (int g = 0; g < kGroup; ++g) {
         const int64_t a = a0 + g * len + j;
