@@ -28,6 +28,7 @@ Past `max_variants` a warning names the cause and calls run the graph eagerly (c
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import torch
@@ -59,25 +60,39 @@ class DirectCompiled:
         self.compiles = 0
         self._eager = False
 
-    def signature(self, args) -> tuple:
+    def signature(self, args, sizes=None, strides=None) -> tuple:
+        """The varying inputs' dtypes, static sizes and (all-static tensors) strides; `sizes` and
+        `strides`: their size() and stride() tuples when the caller has them already."""
+        n = self.n_varying
+        sizes = sizes or [a.size() for a in args[:n]]
+        strides = strides or [a.stride() for a in args[:n]]
         sig = []
-        for i, a in enumerate(args[:self.n_varying]):
+        for i, a in enumerate(args[:n]):
             dims = self.dynamic.get(i)
             if dims is None:  # a size-1 dim's stride addresses nothing (inductor's asserts skip it too)
-                sig.append((a.dtype, a.shape, tuple(st if n != 1 else 0 for n, st in zip(a.shape, a.stride()))))
+                sig.append((a.dtype, sizes[i], tuple(st if k != 1 else 0 for k, st in zip(sizes[i], strides[i]))))
             else:  # strides of a tensor with a symbolic dim are checked by the shape guards
-                sig.append((a.dtype, tuple(-1 if d in dims else s for d, s in enumerate(a.shape))))
+                sig.append((a.dtype, tuple(-1 if d in dims else k for d, k in enumerate(sizes[i]))))
         sig.append(len(args))
         return tuple(sig)
 
     def __call__(self, *args):
         if self._eager:
             return self.gm(*args)
-        sig = self.signature(args)
+        # each varying input's size() and stride() read once: the signature and the shape guards
+        # (rewritten by _fast_guards to index these lists) use them: what a call adds to the
+        # compiled code, SmolLM2 (65 varying inputs), 189 -> 104 us with each guard term calling
+        # size() / stride() itself before
+        n = self.n_varying
+        sizes = [a.size() for a in args[:n]]
+        strides = [a.stride() for a in args[:n]]
+        sig = self.signature(args, sizes, strides)
         variants = self.variants.setdefault(sig, [])
-        varying = {f"t{i}": a for i, a in enumerate(args[:self.n_varying])}
+        scope = {"S": sizes, "T": strides}
         for code, fn in variants:
-            if code is None or eval(code, _GUARD_GLOBALS, {"L": varying}):
+            if code is not None and "L" in code.co_names and "L" not in scope:  # a guard _fast_guards kept as is
+                scope["L"] = {f"t{i}": a for i, a in enumerate(args[:n])}
+            if code is None or eval(code, _GUARD_GLOBALS, scope):
                 return fn(*args)
         if self.compiles >= self.max_variants:
             warnings.warn(f"the decode graph was compiled for {self.compiles} call signatures (batch size, step "
@@ -114,7 +129,19 @@ class DirectCompiled:
                                                     fake_mode=fake_mode, donate_graph_module=True)
         code = fake_mode.shape_env.produce_guards_expression(fakes[:self.n_varying])
         self.compiles += 1
-        return (None if code is None else compile(code, "<clada decode guards>", "eval")), fn
+        return (None if code is None else compile(_fast_guards(code), "<clada decode guards>", "eval")), fn
+
+
+_SIZE = re.compile(r"L\['t(\d+)'\]\.size\(\)")
+_STRIDE = re.compile(r"L\['t(\d+)'\]\.stride\(\)")
+
+
+def _fast_guards(code: str) -> str:
+    """The ShapeEnv's guard expression over L['t<i>'].size() / .stride() rewritten to index the
+    lists S / T that __call__ reads once per call. A guard that reads anything else of an input (a
+    storage offset, the tensor itself) stays as it was, evaluated over L."""
+    fast = _STRIDE.sub(r"T[\1]", _SIZE.sub(r"S[\1]", code))
+    return code if "L[" in fast else fast
 
 
 def _guard_globals() -> dict:

@@ -81,3 +81,12 @@ def test_cpp_wrapper_matches_eager_and_keeps_the_symbolic_length():
         torch.testing.assert_close(fn(*args), _step(*args), atol=1e-5, rtol=1e-5)
     assert fn.compiles == 1
 
+
+
+def test_guards_index_the_sizes_and_strides_read_once():
+    from clada_compile.direct import _fast_guards
+
+    code = "L['t1'].stride()[0] == L['t1'].size()[1] and L['t12'].size()[2] >= 2"
+    assert _fast_guards(code) == "T[1][0] == S[1][1] and S[12][2] >= 2"
+    other = "L['t1'].size()[0] == 2 and L['t1'].storage_offset() == 0"  # not sizes/strides only: kept over L
+    assert _fast_guards(other) == other
