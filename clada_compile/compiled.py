@@ -267,7 +267,7 @@ class CladaModel(nn.Module, Engine):
     def _cache_buffers(self, past, total: int) -> list:
         """The buffers the decode graph writes the new KV rows into (passes/kvcache.py).
 
-        In place only when `past` is what this engine's last decode returned (the tuple itself:
+        In place only when `past` is what this engine's last decode returned (that CachePrefix itself:
         a prefix of it, or a cache from a prefill or another engine, is copied into new buffers,
         so a caller may branch from an older cache without it being overwritten)."""
         if past is self._presents and self._kv[0].shape[2] > total:  # never full: cache_capacity

@@ -60,14 +60,11 @@ class DirectCompiled:
         self.compiles = 0
         self._eager = False
 
-    def signature(self, args, sizes=None, strides=None) -> tuple:
-        """The varying inputs' dtypes, static sizes and (all-static tensors) strides; `sizes` and
-        `strides`: their size() and stride() tuples when the caller has them already."""
-        n = self.n_varying
-        sizes = sizes or [a.size() for a in args[:n]]
-        strides = strides or [a.stride() for a in args[:n]]
+    def signature(self, args, sizes, strides) -> tuple:
+        """The varying inputs' dtypes, static sizes and (all-static tensors) strides, from their
+        size() and stride() tuples `sizes` / `strides`."""
         sig = []
-        for i, a in enumerate(args[:n]):
+        for i, a in enumerate(args[:self.n_varying]):
             dims = self.dynamic.get(i)
             if dims is None:  # a size-1 dim's stride addresses nothing (inductor's asserts skip it too)
                 sig.append((a.dtype, sizes[i], tuple(st if k != 1 else 0 for k, st in zip(sizes[i], strides[i]))))

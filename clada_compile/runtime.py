@@ -113,6 +113,7 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    pad = next(iter(eos)) if eos else None  # what a finished row emits
     entry = engine.taus.clone()
     base = entry.clone() if base_taus is None else torch.as_tensor(base_taus, dtype=torch.float32)
     entry_in = engine.input_taus.clone()  # projection-input thresholds, scaled like `base`
@@ -150,12 +151,9 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
             tok, dist = _sample_token(last, temperature, top_p, generator)
         else:  # greedy: the argmax comes with the signals, one pass over the vocabulary
             tok, dist = None, last
-        if eos and tok is not None:
-            tok = torch.where(done, torch.full_like(tok, next(iter(eos))), tok)
         tok, sur, ent, nonfinite = next_token_signals(dist, tok)
-        if eos and done.any():  # finished rows emit padding; their signals are not counted (`live`)
-            tok = torch.where(done, torch.full_like(tok, next(iter(eos))), tok)
-        if eos:
+        if eos:  # finished rows emit padding; their signals are not counted (`live`)
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
             live = ~done
             s_mean = float(sur[live].mean()) if live.any() else 0.0
             e_mean = float(ent[live].mean()) if live.any() else 0.0
