@@ -250,8 +250,9 @@ class CladaModel(nn.Module, Engine):
                                  f"got {tuple(input_taus.shape)}")
             input_taus = input_taus.float().unsqueeze(-1)
         total = attention_mask.shape[1]
-        if total != past[0].shape[2] + input_ids.shape[1]:
-            raise ValueError(f"`attention_mask` covers {total} tokens, but the cache holds {past[0].shape[2]} and "
+        cached = past.length if isinstance(past, CachePrefix) else past[0].shape[2]  # no view made to read it
+        if total != cached + input_ids.shape[1]:
+            raise ValueError(f"`attention_mask` covers {total} tokens, but the cache holds {cached} and "
                              f"`input_ids` adds {input_ids.shape[1]}; pass the mask of the cache and the new tokens")
         feeds = self._cache_buffers(past, total) if self.kv_in_place else past
         out = self._decode_fn(input_ids, attention_mask, pos, *feeds, taus, input_taus, *self._decode_weights)

@@ -62,12 +62,18 @@ def reference_token_signals(logits: torch.Tensor, tokens: torch.Tensor):
     return sur, ent, nonfinite
 
 
-@dataclass
+@dataclass(frozen=True)
 class Decision:
-    taus: torch.Tensor  # (n_layers,) thresholds for the next step
+    base_taus: torch.Tensor  # (n_layers,) the controller's base thresholds (not copied: read only)
     load: str  # "high" | "low" | "mid" | "warmup"
     reselect: bool
-    scale: float = 1.0  # taus = base_taus * scale; the runtime scales the input thresholds alike
+    scale: float = 1.0  # the runtime scales the input thresholds alike
+
+    @property
+    def taus(self) -> torch.Tensor:
+        """(n_layers,) thresholds for the next step, base_taus * scale: made when read (the
+        generation loop reads them only when the scale changes, not every step)."""
+        return self.base_taus * self.scale
 
 
 @dataclass
@@ -92,7 +98,7 @@ class Controller:
             self.s_threshold = _percentile(self.surprisal[-w:], cfg.surprisal_threshold)
             self.e_threshold = _percentile(self.entropy[-w:], cfg.entropy_threshold)
         if self.s_threshold is None:
-            return Decision(self.base_taus.clone(), "warmup", False, 1.0)
+            return Decision(self.base_taus, "warmup", False, 1.0)
         above = {"surprisal": surprisal > self.s_threshold, "entropy": entropy > self.e_threshold}
         # the paper's AND rule defines high-load events (re-selection) whatever signal tau follows
         high = above["surprisal"] and above["entropy"]
@@ -112,7 +118,7 @@ class Controller:
         if reselect:
             self.events += 1
             self.last_event = n
-        return Decision(self.base_taus * scale, load, reselect, float(scale))
+        return Decision(self.base_taus, load, reselect, float(scale))
 
 
     def _rank_in(self, values, v):

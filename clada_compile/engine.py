@@ -44,6 +44,8 @@ def context_length_of(text_config) -> int | None:
 
 def position_ids_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
     """Positions of the last `length` tokens; left padding does not advance the position."""
+    if length == 1:  # a decode step: the count of real tokens so far, two ops instead of four
+        return (attention_mask.sum(-1, keepdim=True, dtype=torch.long) - 1).clamp_min_(0)
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp_min(0)[:, -length:].contiguous()  # compiled graphs see one layout whatever the mask length
 
@@ -176,8 +178,12 @@ class Engine:
     @staticmethod
     def _kept(rest) -> torch.Tensor:
         """The decode graph's clada.active.L outputs -> (n_layers,) float32."""
-        if all(isinstance(t, torch.Tensor) and t.numel() == 1 and t.shape == rest[0].shape for t in rest):
-            return torch.stack(rest).reshape(-1).float()  # one op: ~10 us a step instead of ~110
+        first = rest[0]
+        if isinstance(first, torch.Tensor) and first.numel() == 1:
+            try:  # one op (~10 us a step instead of ~110); stack itself checks that the shapes agree
+                return torch.stack(rest).reshape(-1).float()
+            except (TypeError, RuntimeError):
+                pass
         return torch.stack([torch.as_tensor(t).reshape(()).float() for t in rest])
 
     # ---- calls -----------------------------------------------------------------------------

@@ -157,6 +157,8 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
             live = ~done
             s_mean = float(sur[live].mean()) if live.any() else 0.0
             e_mean = float(ent[live].mean()) if live.any() else 0.0
+        elif sur.numel() == 1:  # batch 1: the value itself, no mean op
+            s_mean, e_mean = float(sur), float(ent)
         else:  # without an EOS every row is live
             s_mean, e_mean = float(sur.mean()), float(ent.mean())
         seqs = torch.cat([seqs, tok[:, None]], 1)
@@ -165,10 +167,10 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
             done |= torch.tensor([int(t) in eos for t in tok])
         decision = ctl.observe(s_mean, e_mean)
         active = None
-        if kept is not None:  # neurons kept by the step that produced this token's logits
+        if not enabled or step == 0:
+            active = 1.0  # a dense step (or the dense prefill) reads every weight
+        elif kept is not None:  # neurons kept by the step that produced this token's logits
             active = float(kept @ active_weights)  # mean over layers of kept / k * backbone
-        elif step == 0:
-            active = 1.0  # from the dense prefill
         out.records.append(dict(
             step=step, token=tok.tolist(), surprisal=s_mean, entropy=e_mean, nonfinite=bool(nonfinite.any()),
             s_threshold=ctl.s_threshold, e_threshold=ctl.e_threshold, load=decision.load,
@@ -198,7 +200,10 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
                 engine.select([(p + w.float().pow(2)).sqrt() for p, w in zip(prompt_sq, wscores)])
                 kept = dense_kept
                 continue
-        logits, past, kept = engine.decode(tok[:, None], mask, past, with_active=True)
+        if enabled:
+            logits, past, kept = engine.decode(tok[:, None], mask, past, with_active=True)
+        else:  # dense: the kept counts are all of them; not gathering them saves ~0.1 ms a step
+            logits, past = engine.decode(tok[:, None], mask, past)
     bar.close()
     out.decode_s = time.perf_counter() - t_dec
     engine.set_thresholds(entry)  # the controller's last scaling must not become the next call's base

@@ -7,7 +7,7 @@ import torch
 
 from clada_compile import CladaConfig
 from clada_compile.compiled import CladaModel
-from clada_compile.engine import Engine, backbone_ratio, backbone_sizes
+from clada_compile.engine import Engine, backbone_ratio, backbone_sizes, position_ids_from_mask
 from clada_compile.evaluate import parallel_ok
 from clada_compile.exporters.manifest import MANIFEST, read_manifest
 from conftest import graphs_for
@@ -19,6 +19,18 @@ def test_k_from_top_k_ratio():
     assert backbone_sizes([3], 0.5, 4) == [3]  # never more than d_ff
     assert backbone_ratio(CladaConfig(top_k_ratio=0.3)) == 0.3
     assert backbone_ratio(CladaConfig(top_k_ratio=0.3, enabled=False)) == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool, torch.float32])
+def test_position_ids_from_mask_counts_real_tokens(dtype):
+    # oracle: a row's position of token j = number of real tokens before it (left padding
+    # does not advance it; a padding token before any real one sits at 0)
+    masks = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0], [1, 0, 1, 1, 0]])
+    want = [[max(sum(row[:j + 1]) - 1, 0) for j in range(len(row))] for row in masks.tolist()]
+    for length in (1, 2, 5):  # 1: the decode step's two-op path; more: prefill / multi-token
+        got = position_ids_from_mask(masks.to(dtype), length)
+        assert got.dtype == torch.long and got.is_contiguous()
+        assert got.tolist() == [row[-length:] for row in want]
 
 
 def test_torch_engine_implements_the_contract():
