@@ -261,9 +261,7 @@ class CladaModel(nn.Module, Engine):
             presents = self._presents = CachePrefix(feeds, total)
         else:
             logits, presents, kept = self._split_outputs(out)
-        if with_active:
-            return logits, presents, self._kept(kept)
-        return logits, presents
+        return self._with_active((logits, presents), kept, with_active)
 
     def _cache_buffers(self, past, total: int) -> list:
         """The buffers the decode graph writes the new KV rows into (passes/kvcache.py).

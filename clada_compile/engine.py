@@ -10,6 +10,8 @@ engine implements only the three things that differ per backend:
         -> (logits, presents, scores per layer)       full weights over a prompt
     decode(input_ids, attention_mask, past, with_active=False, taus=None, input_taus=None)
         -> (logits, presents[, kept per layer])       compacted weights on a KV cache
+        (with_active=True: kept as one (n_layers,) float32 tensor; "per_layer": the graph's
+        per-layer outputs as they come, for a caller that reduces many steps at once: _kept)
     _compact(layer, idx)                              make the sorted ids `idx` layer's active set
     _make_dense()                                     the engine with config.enabled=False
 
@@ -174,6 +176,14 @@ class Engine:
         """Graph outputs (logits, present.* per layer, then one per layer) -> (logits, presents, rest)."""
         n = self.n_layers
         return out[0], list(out[1:1 + 2 * n]), list(out[1 + 2 * n:])
+
+    def _with_active(self, out, kept, with_active):
+        """decode()'s return value for its `with_active` argument."""
+        if isinstance(with_active, str):
+            if with_active != "per_layer":
+                raise ValueError(f"`with_active` must be False, True or 'per_layer', got {with_active!r}")
+            return (*out, list(kept))
+        return (*out, self._kept(kept)) if with_active else out
 
     @staticmethod
     def _kept(rest) -> torch.Tensor:

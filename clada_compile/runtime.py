@@ -90,6 +90,16 @@ def _sample_token(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1), logits
 
 
+def _fill_active_fractions(engine, records, pending, active_weights) -> None:
+    """records[i]["active_fraction"] for every (i, kept) of `pending`: kept is a step's per-layer
+    counts (decode's with_active="per_layer") or an (n_layers,) tensor (after a re-selection)."""
+    if not pending:
+        return
+    rows = torch.stack([k if isinstance(k, torch.Tensor) else engine._kept(k) for _, k in pending])
+    for (i, _), frac in zip(pending, (rows @ active_weights).tolist()):
+        records[i]["active_fraction"] = frac  # mean over layers of kept / k * backbone
+
+
 def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, eos_token_id=None, attention_mask=None, baseline: bool = False,
              seed: int | None = None, progress: bool = False, base_taus=None, forced=None) -> GenerationOutput:
@@ -143,6 +153,7 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
     t_dec = time.perf_counter()
     bar = tqdm(total=max_new_tokens, desc="generate", disable=not progress, leave=False)
     kept = None
+    pending = []  # (record index, that step's per-layer kept counts)
     for step in range(max_new_tokens):
         last = logits[:, -1]
         if forced is not None:
@@ -166,11 +177,11 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
         if eos:
             done |= torch.tensor([int(t) in eos for t in tok])
         decision = ctl.observe(s_mean, e_mean)
-        active = None
-        if not enabled or step == 0:
-            active = 1.0  # a dense step (or the dense prefill) reads every weight
-        elif kept is not None:  # neurons kept by the step that produced this token's logits
-            active = float(kept @ active_weights)  # mean over layers of kept / k * backbone
+        # a dense step (or the dense prefill) reads every weight; otherwise the neurons kept by the
+        # step that produced this token's logits, reduced after the loop (_fill_active_fractions)
+        active = 1.0 if not enabled or step == 0 else None
+        if active is None and kept is not None:
+            pending.append((len(out.records), kept))
         out.records.append(dict(
             step=step, token=tok.tolist(), surprisal=s_mean, entropy=e_mean, nonfinite=bool(nonfinite.any()),
             s_threshold=ctl.s_threshold, e_threshold=ctl.e_threshold, load=decision.load,
@@ -201,10 +212,13 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
                 kept = dense_kept
                 continue
         if enabled:
-            logits, past, kept = engine.decode(tok[:, None], mask, past, with_active=True)
+            # the per-layer counts as the graph gives them: stacking them here cost ~0.14 ms a
+            # step (SmolLM2), once per generation after the loop a few us a step
+            logits, past, kept = engine.decode(tok[:, None], mask, past, with_active="per_layer")
         else:  # dense: the kept counts are all of them; not gathering them saves ~0.1 ms a step
             logits, past = engine.decode(tok[:, None], mask, past)
     bar.close()
+    _fill_active_fractions(engine, out.records, pending, active_weights)
     out.decode_s = time.perf_counter() - t_dec
     engine.set_thresholds(entry)  # the controller's last scaling must not become the next call's base
     engine.set_input_thresholds(entry_in)

@@ -59,6 +59,39 @@ def test_baseline_matches_dense_greedy():
     assert torch.equal(dense_cfg.generate(ids, max_new_tokens=16).sequences, ref)
 
 
+def test_generation_records_each_steps_active_fraction():
+    # oracle: the per-step fractions generate reports (reduced after its loop) against the same
+    # steps driven by hand, with_active=True stacking each step's kept counts at once
+    _, cm = _engine(top_k_ratio=0.5)
+    cm.set_thresholds([0.05] * cm.n_layers)
+    ids = torch.randint(3, 90, (1, 10))
+    out = cm.generate(ids, max_new_tokens=6)
+    logits, past, scores = cm.prefill(ids, torch.ones_like(ids), taus=torch.zeros(cm.n_layers))
+    cm.select(scores)
+    backbone = torch.tensor(cm.k, dtype=torch.float32) / torch.tensor(cm.d_ff, dtype=torch.float32)
+    seqs, want = ids, [1.0]
+    for step in range(5):
+        seqs = torch.cat([seqs, out.sequences[:, 10 + step:11 + step]], 1)
+        logits, past, kept = cm.decode(seqs[:, -1:], torch.ones_like(seqs), past, with_active=True)
+        want.append(float((kept / torch.tensor(cm.k) * backbone).mean()))
+    assert [r["active_fraction"] for r in out.records] == pytest.approx(want, abs=1e-6)
+    assert 0 < min(want[1:]) < 0.6
+
+
+def test_decode_with_active_per_layer_and_bad_value():
+    _, cm = _engine(top_k_ratio=0.5)
+    ids = torch.randint(3, 90, (1, 8))
+    _, past, scores = cm.prefill(ids[:, :7], taus=torch.zeros(cm.n_layers))
+    cm.select(scores)
+    cm.set_thresholds([0.05] * cm.n_layers)
+    _, _, stacked = cm.decode(ids[:, 7:], torch.ones_like(ids), past, with_active=True)
+    _, _, per_layer = cm.decode(ids[:, 7:], torch.ones_like(ids), past, with_active="per_layer")
+    assert isinstance(per_layer, list) and len(per_layer) == cm.n_layers
+    assert torch.equal(cm._kept(per_layer), stacked)
+    with pytest.raises(ValueError, match="`with_active` must be False, True or 'per_layer', got 'layers'"):
+        cm.decode(ids[:, 7:], torch.ones_like(ids), past, with_active="layers")
+
+
 def test_clada_generation_records_and_reselection():
     _, cm = _engine(top_k_ratio=0.5, reselect=True, schedule="clada", update_window=4)
     cm.set_thresholds([0.05] * cm.n_layers)

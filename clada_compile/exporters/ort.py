@@ -327,9 +327,7 @@ class OrtCladaModel(Engine):
         presents = {x for x in self.decode_outputs if x.startswith("present.")}
         out = self._run(self._shared.decode, self._decode_io, feeds, self.decode_outputs, presents)
         logits, new, kept = self._split_outputs(out)
-        if with_active:
-            return logits, new, self._kept(kept)
-        return logits, new
+        return self._with_active((logits, new), kept, with_active)
 
     def generate(self, input_ids, **kwargs):
         """runtime.generate on this engine. torch runs single-threaded meanwhile: its host-side ops
