@@ -233,6 +233,7 @@ class CladaModel(nn.Module, Engine):
         controller chose for each of its tokens (evaluate.score_parallel). input_taus likewise:
         None or (len(INPUT_GROUPS), n_layers, B, S)."""
         self._check_past(past)
+        self._check_with_active(with_active)
         pos = position_ids_from_mask(attention_mask, input_ids.shape[1])
         if taus is None:
             taus = self.taus

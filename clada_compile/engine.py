@@ -177,11 +177,15 @@ class Engine:
         n = self.n_layers
         return out[0], list(out[1:1 + 2 * n]), list(out[1 + 2 * n:])
 
+    @staticmethod
+    def _check_with_active(with_active) -> None:
+        """decode() checks its `with_active` before running the graph, not after."""
+        if isinstance(with_active, str) and with_active != "per_layer":
+            raise ValueError(f"`with_active` must be False, True or 'per_layer', got {with_active!r}")
+
     def _with_active(self, out, kept, with_active):
-        """decode()'s return value for its `with_active` argument."""
-        if isinstance(with_active, str):
-            if with_active != "per_layer":
-                raise ValueError(f"`with_active` must be False, True or 'per_layer', got {with_active!r}")
+        """decode()'s return value for its (checked) `with_active` argument."""
+        if with_active == "per_layer":
             return (*out, list(kept))
         return (*out, self._kept(kept)) if with_active else out
 

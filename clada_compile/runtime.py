@@ -180,7 +180,7 @@ def generate(engine, input_ids, max_new_tokens: int = 32, do_sample: bool = Fals
         # a dense step (or the dense prefill) reads every weight; otherwise the neurons kept by the
         # step that produced this token's logits, reduced after the loop (_fill_active_fractions)
         active = 1.0 if not enabled or step == 0 else None
-        if active is None and kept is not None:
+        if active is None:
             pending.append((len(out.records), kept))
         out.records.append(dict(
             step=step, token=tok.tolist(), surprisal=s_mean, entropy=e_mean, nonfinite=bool(nonfinite.any()),

@@ -314,6 +314,7 @@ class OrtCladaModel(Engine):
                              "input_taus=None (set them with set_thresholds / set_input_thresholds), or score "
                              "with scorer='sequential'")
         self._check_past(past)
+        self._check_with_active(with_active)
         input_ids = self._host(input_ids)
         attention_mask = self._host(attention_mask)
         pos = position_ids_from_mask(attention_mask, input_ids.shape[1]).contiguous()

@@ -385,13 +385,11 @@ void gemv_split_rows(const T* wt, int64_t ld, const int32_t* idx, const float* v
   }
   for (int64_t p = 1; p < parts; ++p) {
     const float* src = acc0 + p * N;
-    float* dst = acc0;
-    for (int64_t c = 0; c < N; ++c) dst[c] += src[c];
+    for (int64_t c = 0; c < N; ++c) acc0[c] += src[c];
   }
   finish_layout<T>(acc0, N);  // the sum is elementwise, so one reorder after it suffices
   if (scale != nullptr) {
-    float* acc = acc0;
-    for (int64_t c = 0; c < N; ++c) acc[c] *= scale[c];
+    for (int64_t c = 0; c < N; ++c) acc0[c] *= scale[c];
   }
   store_output(out, acc0, N);
 }
