@@ -18,10 +18,11 @@ tau and its whole fraction -> (tau, error) curve, so a controller can move along
 Thresholds apply inside the backbone; the calibration runs with the full backbone (top_k = 1).
 
 Input groups (config.INPUT_GROUPS: the MLP's input x for gate/up, the attention projections'
-inputs): the same text, the same graph; each requested group keeps its target fraction of input
-channels in every layer (uniform), tau = that quantile of |x| over the sampled tokens. Their
-curves (fraction -> tau) let a sweep move along them without recalibrating. Profile format 2 adds
-them under "inputs"; format 1 profiles (h only) still load.
+inputs, the lm_head's input): the same text, the same graph; each requested group keeps its
+target fraction of input channels in every layer (uniform), tau = that quantile of |x| over the
+sampled tokens. Their curves (fraction -> tau) let a sweep move along them without
+recalibrating. Profile format 2 adds them under "inputs" ("lm_head" has one entry in "layers":
+the model has one lm_head); format 1 profiles (h only) still load.
 """
 
 from __future__ import annotations
@@ -73,11 +74,16 @@ class _Collector(fx.Interpreter):
 
 
 def _watched(gm) -> dict:
-    """First linear of each attention input group of the prefill graph -> (group, layer)."""
-    from .passes.projections import attention_projections
+    """First linear of each attention input group of the prefill graph -> (group, layer), and the
+    lm_head -> ("lm_head", 0)."""
+    from .passes.projections import attention_projections, head_projection
 
-    return {linears[0]: (group, layer) for layer, groups in attention_projections(gm.graph).items()
-            for group, linears in groups.items()}
+    watch = {linears[0]: (group, layer) for layer, groups in attention_projections(gm.graph).items()
+             for group, linears in groups.items()}
+    head = head_projection(gm.graph)
+    if head is not None:
+        watch[head] = ("lm_head", 0)
+    return watch
 
 
 def collect_activations(cm, token_ids: torch.Tensor, window: int, rows_per_window: int = 128, seed: int = 0):
@@ -186,12 +192,19 @@ def calibrate(cm, token_ids: torch.Tensor, target_active: float = 0.5, error_bud
     achieved = sum(layer["active_fraction"] for layer in layers) / len(layers)
     inputs = {}
     for group, target in input_targets.items():
-        missing = [layer for layer in range(cm.n_layers) if (group, layer) not in acts]
-        if missing:
-            raise ValueError(f"{cm.graphs.arch}: no {group!r} projection input found in layers {missing}; "
-                             f"this architecture's attention does not match passes/projections.py")
+        if group == "lm_head":  # one projection: one "layer" entry, whose tau fills the whole row
+            if ("lm_head", 0) not in acts:
+                raise ValueError(f"{cm.graphs.arch}: no single lm_head linear outside the decoder layers found; "
+                                 f"the 'lm_head' group does not apply to this architecture")
+            own = [0]
+        else:
+            own = range(cm.n_layers)
+            missing = [layer for layer in own if (group, layer) not in acts]
+            if missing:
+                raise ValueError(f"{cm.graphs.arch}: no {group!r} projection input found in layers {missing}; "
+                                 f"this architecture's attention does not match passes/projections.py")
         glayers = []
-        for layer in range(cm.n_layers):
+        for layer in own:
             curve = input_curve(acts[(group, layer)], (round(target, 6),))
             f, tau = next(p for p in curve if p[0] == round(target, 6))
             glayers.append(dict(layer=layer, tau=tau, active_fraction=f,
@@ -246,13 +259,16 @@ def profile_taus(prof: dict, n_layers: int, target_active: float | None = None, 
         raise ValueError(f"the profile has no thresholds for {group!r} (it has {profile_groups(prof)})")
     part = prof if group == "mlp_down" else prof["inputs"][group]
     if target_active is None or abs(target_active - part["achieved_active"]) < 1e-9:
-        return torch.tensor([layer["tau"] for layer in part["layers"]], dtype=torch.float32)
-    shift = target_active / part["achieved_active"]
-    taus = []
-    for layer in part["layers"]:
-        want = min(1.0, layer["active_fraction"] * shift)
-        pts = sorted((p["active_fraction"], p["tau"]) for p in layer["curve"])
-        taus.append(max(0.0, _interp(want, pts)))  # interpolation rounding must not go negative
+        taus = [layer["tau"] for layer in part["layers"]]
+    else:
+        shift = target_active / part["achieved_active"]
+        taus = []
+        for layer in part["layers"]:
+            want = min(1.0, layer["active_fraction"] * shift)
+            pts = sorted((p["active_fraction"], p["tau"]) for p in layer["curve"])
+            taus.append(max(0.0, _interp(want, pts)))  # interpolation rounding must not go negative
+    if group == "lm_head":  # one entry (the model's one lm_head): its tau fills the row
+        taus = taus * n_layers
     return torch.tensor(taus, dtype=torch.float32)
 
 
@@ -291,11 +307,13 @@ def apply_profile(cm, path) -> dict:
     for i, g in enumerate(INPUT_GROUPS):
         if g in groups:
             inputs[i] = profile_taus(prof, n, targets.get(g), group=g)
-    if inputs[1:].any():  # attention thresholds need every layer's attention in the graph
+    attention = [INPUT_GROUPS.index(g) for g in ("attn_in", "attn_out")]
+    if inputs[attention].any():  # attention thresholds need every layer's attention in the graph
         missing = sorted(set(range(n)) - set(getattr(cm, "attention_layers", range(n))))
         if missing:
             raise ValueError(f"`sparsify` thresholds attention inputs, but layers {missing} of this "
                              f"{prof.get('architecture')} model have no matched attention projections")
+    # (an lm_head threshold on a graph without the matched lm_head: set_input_thresholds refuses it)
     cm.set_input_thresholds(inputs)
     cm.profile = prof
     return prof

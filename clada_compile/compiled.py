@@ -105,6 +105,7 @@ class CladaModel(nn.Module, Engine):
         # layers whose attention inputs the graph thresholds (all of them for the supported
         # architectures); none when impl is "dense"
         self.attention_layers = list(decode.attention_layers)
+        self.head_thresholded = decode.head_thresholded  # the lm_head input thresholded (group "lm_head")
         # decode graph inputs after the KV cache: clada.tau, clada.tau_in, then clada.L.<key> in
         # graph order
         names = decode.input_names
@@ -133,7 +134,7 @@ class CladaModel(nn.Module, Engine):
 
         gm = fx.GraphModule(decode.gm, copy.deepcopy(decode.gm.graph))
         traced = TracedGraph(gm, "decode", list(decode.input_names), list(decode.output_names), decode.sites,
-                             list(decode.attention_layers))
+                             list(decode.attention_layers), decode.head_thresholded)
         rewrites = self.decode_rewrites
         if self.gemv:
             _, rewrites["sparse_mlp_to_gemv"] = sparse_mlp_to_gemv(traced, quantize=self.quantized)

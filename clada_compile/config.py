@@ -18,8 +18,10 @@ SCHEDULES = ("static", "clada", "continuous")
 SIGNALS = ("both", "entropy", "surprisal")
 # Projection inputs that can carry a per-token threshold (drop channel i when |x_i| < tau; the
 # GEMV then never reads row i of W^T): "mlp_down" is the MLP's hidden h (the decode graph input
-# clada.tau), the others are the rows of clada.tau_in, in this order.
-INPUT_GROUPS = ("mlp_in", "attn_in", "attn_out")
+# clada.tau), the others are the rows of clada.tau_in, in this order. "lm_head" is the input of the
+# output projection (the final hidden state): one threshold for the whole model, held in every
+# column of its row (the graph reads column 0; engine.check_input_taus keeps the row constant).
+INPUT_GROUPS = ("mlp_in", "attn_in", "attn_out", "lm_head")
 GROUPS = ("mlp_down",) + INPUT_GROUPS
 
 
@@ -79,7 +81,8 @@ class CladaConfig:
         round trips in place, so prefill computes with the same weights on torch's GEMM).
     sparsify: which projection inputs the profile's thresholds apply to, a tuple of GROUPS:
         "mlp_down" (the MLP's hidden h, the paper's threshold), "mlp_in" (gate/up input),
-        "attn_in" (q/k/v input), "attn_out" (o input). None (default) = every group the profile
+        "attn_in" (q/k/v input), "attn_out" (o input), "lm_head" (the final hidden state, input of
+        the output projection: 20-30% of a small model's decode bytes). None (default) = every group the profile
         was calibrated for. A group the profile lacks is an error (recalibrate with it).
     input_active: kept fraction per input group, e.g. {"mlp_in": 0.8, "attn_in": 0.7}: those
         groups' thresholds are re-targeted along the profile's curves (as target_active does for

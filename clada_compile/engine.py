@@ -17,7 +17,7 @@ engine implements only the three things that differ per backend:
 
 and calls `_init_engine(config, d_ff)` from its constructor. Attributes every engine has:
 config, tokenizer, n_layers, d_ff, k, taus, input_taus, active, profile, context_length,
-vocab_size, attention_layers.
+vocab_size, attention_layers, head_thresholded.
 
 This module imports torch and config only: the ONNX Runtime engine must not pull in the FX stack.
 """
@@ -71,6 +71,10 @@ def check_input_taus(taus, n_layers: int) -> torch.Tensor:
                          f"per layer), got {tuple(taus.shape)}")
     if not torch.isfinite(taus).all() or (taus < 0).any():
         raise ValueError(f"input thresholds must be finite and >= 0, got {taus.tolist()}")
+    head = taus[INPUT_GROUPS.index("lm_head")]
+    if (head != head[0]).any():  # one lm_head, one threshold: a per-layer row would be read as column 0 only
+        raise ValueError(f"the 'lm_head' row of the input thresholds must hold one value in every column (the "
+                         f"model has one lm_head), got {head.tolist()}")
     return taus
 
 
@@ -126,8 +130,27 @@ class Engine:
 
     @torch.no_grad()
     def set_input_thresholds(self, taus) -> None:
-        """(len(INPUT_GROUPS), n_layers) thresholds of the MLP and attention inputs."""
-        self.input_taus.copy_(check_input_taus(taus, self.n_layers))
+        """(len(INPUT_GROUPS), n_layers) thresholds of the MLP, attention and lm_head inputs."""
+        taus = check_input_taus(taus, self.n_layers)
+        ignored = [g for i, g in enumerate(INPUT_GROUPS) if taus[i].any() and g not in self._thresholded_groups()]
+        if ignored:  # never a silently ignored setting
+            why = ("a dense engine: optimize() with a profile in the config thresholds inputs"
+                   if getattr(self, "impl", None) == "dense" else
+                   "no matched projection; for 'lm_head' on an ONNX export made before that group: re-export")
+            raise ValueError(f"input thresholds > 0 for {ignored}, but this engine's decode graph does not threshold "
+                             f"those inputs ({why}); set their rows to 0")
+        self.input_taus.copy_(taus)
+
+    def _thresholded_groups(self) -> set:
+        """The INPUT_GROUPS this engine's decode graph applies thresholds to."""
+        if getattr(self, "impl", None) == "dense":
+            return set()
+        groups = {"mlp_in"}
+        if getattr(self, "attention_layers", None):
+            groups |= {"attn_in", "attn_out"}
+        if getattr(self, "head_thresholded", False):
+            groups.add("lm_head")
+        return groups
 
     @torch.no_grad()
     def set_active(self, layer: int, indices) -> None:

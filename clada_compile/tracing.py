@@ -25,6 +25,8 @@ class TracedGraph:
     sites: list = field(default_factory=list)  # MlpSite per rewritten MLP, layer order
     # decode: layers whose attention inputs carry thresholds (passes.projections)
     attention_layers: list = field(default_factory=list)
+    # decode: whether the lm_head's input carries the "lm_head" threshold (passes.projections)
+    head_thresholded: bool = False
 
 
 def num_layers(model) -> int:

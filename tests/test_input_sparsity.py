@@ -1,4 +1,4 @@
-"""Input thresholds on every decode projection (issue 13): gate/up input, q/k/v input, o input.
+"""Input thresholds on every decode projection (issue 13): gate/up input, q/k/v input, o input, lm_head input.
 
 Oracles independent of the passes: the Hugging Face model itself, with forward pre-hooks that zero
 the input channels below each threshold (tests below say which module gets which threshold).
@@ -34,7 +34,7 @@ def _profile(name, tmp_path, targets=None):
     model, graphs = graphs_for(name)
     ids = torch.randint(0, VOCAB, (512,), generator=torch.Generator().manual_seed(0))
     cal = CladaModel(model, graphs, CladaConfig(backend="eager"), impl="reference")
-    targets = {"mlp_in": 0.6, "attn_in": 0.7, "attn_out": 0.7} if targets is None else targets
+    targets = {"mlp_in": 0.6, "attn_in": 0.7, "attn_out": 0.7, "lm_head": 0.8} if targets is None else targets
     prof = calibrate(cal, ids, 0.5, 10.0, 64, input_targets=targets)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(prof))
@@ -46,13 +46,15 @@ def _profile(name, tmp_path, targets=None):
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_every_layer_gets_its_attention_and_mlp_input_thresholds(name, tmp_path):
-    """Reference decode graph: one mask per layer for mlp_in, attn_in, attn_out (exact counts); the
-    dense graph has none; the GEMV graph folds every one of them into the kernel's threshold."""
+    """Reference decode graph: one mask per layer for mlp_in, attn_in, attn_out and one on the lm_head
+    input (exact counts); the dense graph has none; the GEMV graph folds every one of them into the
+    kernel's threshold."""
     model, graphs, path, _ = _profile(name, tmp_path)
     n = graphs.n_layers
     ref = graphs.decode_for("reference")
     assert ref.attention_layers == list(range(n))
-    assert _count(ref.gm, threshold_input) == 3 * n
+    assert _count(ref.gm, threshold_input) == 3 * n + 1
+    assert ref.head_thresholded and not graphs.decode_for("dense").head_thresholded
     assert "clada.tau_in" in ref.input_names
     assert _count(graphs.decode_for("dense").gm, threshold_input) == 0
     assert CladaModel(model, graphs, CladaConfig(backend="eager")).impl == "dense"  # no profile: no masks
@@ -60,7 +62,7 @@ def test_every_layer_gets_its_attention_and_mlp_input_thresholds(name, tmp_path)
     assert cm.gemv and cm.attention_layers == list(range(n))
     gm = cm.decode_graph.gm
     assert _count(gm, threshold_input) == 0
-    assert _count(gm, gemv_in) == 2 * n  # attn_in (q/k/v fused) and attn_out per layer
+    assert _count(gm, gemv_in) == 2 * n + 1  # attn_in (q/k/v fused) and attn_out per layer, the lm_head
     assert _count(gm, gemv_mlp) == n
 
 
@@ -94,6 +96,31 @@ def test_attention_must_not_match_a_layer_with_a_third_input_group():
             assert n.args[0].target is threshold_input and n.args[0].args[0] is inputs[n]
 
 
+def test_head_must_not_match_when_two_linears_sit_outside_the_layers():
+    """The lm_head pattern is 'the one linear outside the decoder layers': a second one (e.g. a
+    projection after the final norm) makes it ambiguous, and nothing is rewritten (count 0)."""
+    from clada_compile.passes.projections import head_projection, threshold_head_input
+
+    _, graphs = graphs_for("llama")
+    src = graphs.fused_decode.gm
+    gm = fx.GraphModule(src, copy.deepcopy(src.graph))
+    head = head_projection(gm.graph)
+    assert head is not None and "lm_head" in str(head.meta.get("nn_module_stack"))
+    x = head.args[0]
+    with gm.graph.inserting_before(head):
+        extra = gm.graph.call_function(torch.ops.aten.linear.default, (x, head.args[1]))
+    extra.meta.update(head.meta)  # a second linear outside the layers, also a graph output
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (tuple(out.args[0]) + (extra,),)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    assert head_projection(gm.graph) is None
+    tau_in = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    before = len(gm.graph.nodes)
+    _, count = threshold_head_input(gm, tau_in)
+    assert count == 0 and len(gm.graph.nodes) == before
+
+
 # ---- numerics against Hugging Face with masking hooks ------------------------------------------
 
 
@@ -117,6 +144,7 @@ def _hooked_hf_step(model, ids, step, tau_h, tau_in):
             for mod in (mlp.gate_proj, mlp.up_proj):
                 handles.append(mod.register_forward_pre_hook(_mask_hook(float(tau_in[0, i]))))
             handles.append(mlp.down_proj.register_forward_pre_hook(_mask_hook(float(tau_h[i]))))
+        handles.append(model.lm_head.register_forward_pre_hook(_mask_hook(float(tau_in[3, 0]))))
         try:
             return model(step, past_key_values=out.past_key_values, use_cache=True).logits
         finally:
@@ -146,7 +174,7 @@ def test_decode_equals_hf_with_masked_projection_inputs(kernel, tmp_path):
         matrices = sum(p.numel() * 4 for p in model.parameters() if p.dim() == 2)
         matrices -= model.get_input_embeddings().weight.numel() * 4
         read = []
-        for taus, tau_in in ((torch.zeros(2), torch.zeros(3, 2)), (cm.taus.clone(), cm.input_taus.clone())):
+        for taus, tau_in in ((torch.zeros(2), torch.zeros(4, 2)), (cm.taus.clone(), cm.input_taus.clone())):
             cm.set_thresholds(taus)
             cm.set_input_thresholds(tau_in)
             before = weight_bytes_read()
@@ -154,26 +182,29 @@ def test_decode_equals_hf_with_masked_projection_inputs(kernel, tmp_path):
             read.append(weight_bytes_read() - before)
         assert read[0] == matrices  # dense: every projection matrix once (lm_head untied)
         assert read[1] < 0.85 * matrices
-    dense = _hooked_hf_step(model, ids, step, torch.zeros(2), torch.zeros(3, 2))
+    dense = _hooked_hf_step(model, ids, step, torch.zeros(2), torch.zeros(4, 2))
     assert (logits - dense).abs().max() > 1e-3
 
 
 def test_calibrated_input_thresholds_keep_their_target_fraction(tmp_path):
-    """On the calibration text, the q/k/v input keeps ~its target fraction of channels (measured by
-    a hook on HF's q_proj, independent of the calibrator's interpreter)."""
-    model, graphs, path, prof = _profile("llama", tmp_path, {"attn_in": 0.6})
-    assert profile_groups(prof) == ("mlp_down", "attn_in")
-    seen = []
-    hook = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    """On the calibration text, the q/k/v input and the lm_head input keep ~their target fractions
+    of channels (measured by hooks on HF's q_proj and lm_head, independent of the calibrator)."""
+    model, graphs, path, prof = _profile("llama", tmp_path, {"attn_in": 0.6, "lm_head": 0.75})
+    assert profile_groups(prof) == ("mlp_down", "attn_in", "lm_head")
+    seen = {"q": [], "head": []}
+    hooks = [model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen["q"].append(a[0])),
+             model.lm_head.register_forward_pre_hook(lambda m, a: seen["head"].append(a[0]))]
     ids = torch.randint(0, VOCAB, (512,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for i in range(0, 512, 64):
             model(ids[i:i + 64].view(1, -1))
-    hook.remove()
-    x = torch.cat(seen).reshape(-1, seen[0].shape[-1])
-    tau = prof["inputs"]["attn_in"]["layers"][1]["tau"]
-    kept = (x.abs() >= tau).float().mean().item()
-    assert kept == pytest.approx(0.6, abs=0.03)
+    for h in hooks:
+        h.remove()
+    for key, group, layer, want in (("q", "attn_in", 1, 0.6), ("head", "lm_head", 0, 0.75)):
+        x = torch.cat(seen[key]).reshape(-1, seen[key][0].shape[-1])
+        tau = prof["inputs"][group]["layers"][layer]["tau"]
+        kept = (x.abs() >= tau).float().mean().item()
+        assert kept == pytest.approx(want, abs=0.03), group
 
 
 def test_parallel_scorer_equals_generation_with_a_scaling_schedule(tmp_path):
@@ -205,7 +236,12 @@ def test_input_active_retargets_along_the_curve(tmp_path):
     denser = CladaModel(model, graphs, CladaConfig(backend="eager", profile=path, input_active={"attn_in": 0.9}))
     apply_profile(denser, path)
     assert (denser.input_taus[1] < base.input_taus[1]).all()  # keeping more channels: lower thresholds
-    torch.testing.assert_close(denser.input_taus[[0, 2]], base.input_taus[[0, 2]])
+    torch.testing.assert_close(denser.input_taus[[0, 2, 3]], base.input_taus[[0, 2, 3]])
+    # the lm_head row: one threshold (the profile has one entry), the same in every column
+    assert len(prof["inputs"]["lm_head"]["layers"]) == 1 and (base.input_taus[3] == base.input_taus[3, 0]).all()
+    head = CladaModel(model, graphs, CladaConfig(backend="eager", profile=path, input_active={"lm_head": 0.95}))
+    apply_profile(head, path)
+    assert (head.input_taus[3] < base.input_taus[3]).all() and (head.input_taus[3] == head.input_taus[3, 0]).all()
     only_h = CladaModel(model, graphs, CladaConfig(backend="eager", profile=path, sparsify=("mlp_down",)))
     apply_profile(only_h, path)
     assert not only_h.input_taus.any() and only_h.taus.any()
@@ -218,7 +254,8 @@ def test_format_1_profiles_still_load_as_h_only(tmp_path):
     from clada_compile.calibrate import shipped_profile
 
     prof = load_profile(shipped_profile("smollm2"))
-    assert profile_groups(prof) in (("mlp_down",), ("mlp_down",) + INPUT_GROUPS)
+    groups = profile_groups(prof)
+    assert groups[0] == "mlp_down" and set(groups) <= {"mlp_down", *INPUT_GROUPS}
     v1 = {k: v for k, v in prof.items() if k != "inputs"}
     v1["format"] = "clada-profile/1"
     (tmp_path / "v1.json").write_text(json.dumps(v1))
@@ -228,12 +265,19 @@ def test_format_1_profiles_still_load_as_h_only(tmp_path):
 def test_bad_thresholds_and_groups_are_clear_errors(tmp_path):
     model, graphs, path, _ = _profile("llama", tmp_path, {"mlp_in": 0.7})
     cm = CladaModel(model, graphs, CladaConfig(backend="eager", profile=path))
-    with pytest.raises(ValueError, match=r"input thresholds must have shape \(3, 2\)"):
+    with pytest.raises(ValueError, match=r"input thresholds must have shape \(4, 2\)"):
         cm.set_input_thresholds(torch.zeros(2))
     with pytest.raises(ValueError, match="finite and >= 0"):
-        cm.set_input_thresholds(torch.full((3, 2), -1.0))
+        cm.set_input_thresholds(torch.full((4, 2), -1.0))
     with pytest.raises(ValueError, match="finite and >= 0"):
-        cm.set_input_thresholds(torch.full((3, 2), float("nan")))
+        cm.set_input_thresholds(torch.full((4, 2), float("nan")))
+    per_layer_head = torch.zeros(4, 2)
+    per_layer_head[3] = torch.tensor([0.1, 0.2])
+    with pytest.raises(ValueError, match=r"'lm_head' row .* one value in every column.*\[0.1"):
+        cm.set_input_thresholds(per_layer_head)
+    dense_engine = CladaModel(model, graphs, CladaConfig(backend="eager"))  # no profile: the dense graph
+    with pytest.raises(ValueError, match=r"> 0 for \['attn_in', 'lm_head'\].*a dense engine"):
+        dense_engine.set_input_thresholds(torch.full((4, 2), 0.1) * torch.tensor([[0.0], [1.0], [0.0], [1.0]]))
     with pytest.raises(ValueError, match=r"`sparsify` names \['attn_in'\].*recalibrate"):
         apply_profile(CladaModel(model, graphs, CladaConfig(backend="eager", profile=path,
                                                             sparsify=("mlp_down", "attn_in"))), path)
@@ -253,7 +297,7 @@ def test_bad_thresholds_and_groups_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="per-token `input_taus` must have shape"):
         ids = torch.ones(1, 3, dtype=torch.long)
         _, past, _ = cm.prefill(ids)
-        cm.decode(ids[:, :1], torch.ones(1, 4, dtype=torch.long), past, input_taus=torch.zeros(3, 2))
+        cm.decode(ids[:, :1], torch.ones(1, 4, dtype=torch.long), past, input_taus=torch.zeros(4, 2))
     with pytest.raises(ValueError, match="unknown input group 'mlp_down'"):
         calibrate(cm, torch.zeros(128, dtype=torch.long), window=64, input_targets={"mlp_down": 0.5})
     for bad, msg in [(dict(sparsify="mlp_in"), "must be a tuple"), (dict(sparsify=("mlp",)), "must be one of"),
@@ -269,11 +313,12 @@ def test_clada_calibrate_cli_writes_input_groups(tmp_path, capsys, smollm2):
 
     out = tmp_path / "p.json"
     assert main_impl(["--text", str(DATA / "wikitext-2" / "valid.txt"), "--tokens", "256", "--window", "128",
-                      "--inputs", "mlp_in=0.8,attn_in=0.7", "--output", str(out)]) == 0
+                      "--inputs", "mlp_in=0.8,attn_in=0.7,lm_head=0.9", "--output", str(out)]) == 0
     prof = load_profile(out)
     assert prof["format"] == "clada-profile/2"
-    assert profile_groups(prof) == ("mlp_down", "mlp_in", "attn_in")
+    assert profile_groups(prof) == ("mlp_down", "mlp_in", "attn_in", "lm_head")
     assert [layer["active_fraction"] for layer in prof["inputs"]["attn_in"]["layers"]] == [0.7] * 30
+    assert [layer["active_fraction"] for layer in prof["inputs"]["lm_head"]["layers"]] == [0.9]  # one lm_head
     assert "mlp_in: keeps 0.80" in capsys.readouterr().out
     assert out.stat().st_mode & 0o044 == 0o044  # an ordinary readable file (mkstemp would make it 0600)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left

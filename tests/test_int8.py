@@ -11,6 +11,7 @@ import torch
 
 from clada_compile import CladaConfig, kernels, optimize
 from clada_compile.quantize import quantize_columns, quantize_rows, round_trip_
+from conftest import toy_profile
 from tiny import VOCAB, build
 
 
@@ -120,17 +121,20 @@ def test_int8_decode_equals_hf_on_the_round_tripped_model(name):
     torch.testing.assert_close(torch.cat(steps, 1), ref[:, 6:], atol=2e-4, rtol=1e-4)
 
 
-def test_int8_sparse_engine_equals_the_reference_kernel_on_the_same_weights():
+def test_int8_sparse_engine_equals_the_reference_kernel_on_the_same_weights(tmp_path):
     """Top-k backbone, thresholds on h and every input group: the int8 buffers + kernel against the
     reference engine (kernel="reference": torch matmuls on the round-tripped float weights)."""
-    model, cm = _int8("llama", top_k_ratio=0.5)
-    ref = optimize(model, CladaConfig(backend="eager", precision="int8", top_k_ratio=0.5, kernel="reference"))
-    assert not ref.quantized and cm.quantized
+    profile = toy_profile("llama", torch.randint(3, VOCAB, (256,), generator=torch.Generator().manual_seed(4)),
+                          tmp_path / "p.json")[2]  # a profile: decode graphs that threshold (then overridden below)
+    model, cm = _int8("llama", top_k_ratio=0.5, profile=profile)
+    ref = optimize(model, CladaConfig(backend="eager", precision="int8", top_k_ratio=0.5, kernel="reference",
+                                      profile=profile))
+    assert not ref.quantized and cm.quantized and cm.impl != "dense" and ref.impl != "dense"
     ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
     outs = []
     for e in (cm, ref):
         e.set_thresholds(torch.full((e.n_layers,), 0.05))
-        e.set_input_thresholds(torch.full((3, e.n_layers), 0.05))
+        e.set_input_thresholds(torch.full((4, e.n_layers), 0.05))
         _, past, scores = e.prefill(ids[:, :7])
         e.select(scores)
         outs.append(e.decode(ids[:, 7:], torch.ones(1, 8, dtype=torch.long), past, with_active=True))

@@ -69,7 +69,8 @@ def test_llama_export_validated_and_manifest(llama_dir):
     assert m["versions"]["clada_compile"] and m["low_memory"] is None
     assert [layer["tau"] for layer in m["profile"]["layers"]] == [0.05, 0.1]
     assert m["files"]["profile"] == "profile.json" and (llama_dir / "profile.json").is_file()
-    assert m["input_groups"] == ["mlp_in", "attn_in", "attn_out"] and m["attention_layers"] == [0, 1]
+    assert m["input_groups"] == ["mlp_in", "attn_in", "attn_out", "lm_head"] and m["attention_layers"] == [0, 1]
+    assert m["head_thresholded"] is True
     # the same names as the rewritten graphs
     _, graphs = graphs_for("llama")
     assert m["prefill"] == {"inputs": graphs.prefill.input_names, "outputs": graphs.prefill.output_names}
@@ -107,7 +108,7 @@ def test_io_names_and_dynamic_axes(llama_dir):
     assert dec_in["clada.0.w_in"] == ["k0", 48] and dec_in["clada.1.w_down_t"] == ["k1", 48]
     assert dec_out["present.1.value"] == ["batch", 2, "past + seq", 12]
     assert dec_out["clada.active.0"] == []
-    assert dec_in["clada.tau_in"] == [3, 2]  # (input groups, layers)
+    assert dec_in["clada.tau_in"] == [4, 2]  # (input groups, layers)
 
 
 def test_plain_onnxruntime_session_is_the_dense_model(llama_dir):
@@ -130,7 +131,7 @@ def test_plain_onnxruntime_session_is_the_dense_model(llama_dir):
     np.testing.assert_allclose(out[0], ref[:, :8], atol=1e-4, rtol=0)
     feed = {"input_ids": ids[:, 8:].numpy(), "attention_mask": np.ones((1, 9), np.int64),
             "position_ids": np.array([[8]]), "clada.tau": np.zeros(n, np.float32),
-            "clada.tau_in": np.zeros((3, n), np.float32)}
+            "clada.tau_in": np.zeros((4, n), np.float32)}
     for i in range(n):
         feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = out[1 + 2 * i], out[2 + 2 * i]
         feed[f"clada.{i}.w_in"] = w[f"{i}.w_in"]
@@ -289,13 +290,13 @@ def test_thresholds_and_kept_counts_match_torch(llama_dir):
 
 
 def test_input_thresholds_match_torch(llama_dir):
-    """The decode graph's clada.tau_in thresholds the MLP and attention inputs as the torch
+    """The decode graph's clada.tau_in thresholds the MLP, attention and lm_head inputs as the torch
     reference engine does (same logits and kept counts), and changes the logits."""
     engine = OrtCladaModel.from_dir(llama_dir)
     torch_engine, past, tpast, step, mask, _ = _prefilled_pair(engine, 6)
     model, graphs = graphs_for("llama")
     outs = []
-    for tau_in in (torch.zeros(3, 2), torch.tensor([[0.3, 0.4], [0.5, 0.5], [0.05, 0.1]])):
+    for tau_in in (torch.zeros(4, 2), torch.tensor([[0.3, 0.4], [0.5, 0.5], [0.05, 0.1], [0.4, 0.4]])):
         for e in (engine, torch_engine):
             e.set_thresholds([0.05, 0.1])
             e.set_input_thresholds(tau_in)
@@ -315,7 +316,16 @@ def test_input_thresholds_match_torch(llama_dir):
     prof = llama_dir.parent / "v2.json"
     prof.write_text(json.dumps(calibrate(cal, ids, 0.5, 10.0, 64, input_targets={"attn_in": 0.7, "mlp_in": 0.8})))
     v2 = OrtCladaModel.from_dir(llama_dir, config=CONFIG.replace(profile=str(prof)))
-    assert v2.input_taus[0].all() and v2.input_taus[1].all() and not v2.input_taus[2].any()
+    assert v2.input_taus[0].all() and v2.input_taus[1].all() and not v2.input_taus[2:].any()
+    # an export whose decode graph does not threshold the lm_head (made before the group) refuses it
+    old = llama_dir.parent / "old_export"
+    if not old.exists():
+        shutil.copytree(llama_dir, old)
+    m = json.loads((old / MANIFEST).read_text())
+    m["head_thresholded"] = False
+    (old / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"> 0 for \['lm_head'\].*re-export"):
+        OrtCladaModel.from_dir(old).set_input_thresholds(torch.tensor([[0.0, 0.0]] * 3 + [[0.4, 0.4]]))
 
 
 def test_set_active_validates(llama_dir):

@@ -1,9 +1,9 @@
 """clada-calibrate: per-layer thresholds (uniform or error-allocated) from a text -> profile JSON.
 
     clada-calibrate --text data/wikitext-2/valid.txt --target_active 0.5 --output smollm2.profile.json
-    # also threshold the projection inputs (gate/up input, q/k/v input, o input):
+    # also threshold the projection inputs (gate/up input, q/k/v input, o input, lm_head input):
     clada-calibrate --text data/wikitext-2/valid.txt --target_active 0.5 \
-        --inputs mlp_in=0.8,attn_in=0.7,attn_out=0.7 --output smollm2.profile.json
+        --inputs mlp_in=0.8,attn_in=0.7,attn_out=0.7,lm_head=0.9 --output smollm2.profile.json
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main_impl(argv=None):
     p.add_argument("--error_budget", type=float, default=0.25,
                    help="greedy only: max relative MLP output error per layer")
     p.add_argument("--inputs", default="",
-                   help="input groups and their kept fractions, e.g. mlp_in=0.8,attn_in=0.7,attn_out=0.7")
+                   help="input groups and their kept fractions, e.g. mlp_in=0.8,attn_in=0.7,attn_out=0.7,lm_head=0.9")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
     inputs = parse_inputs(args.inputs)

@@ -38,7 +38,7 @@ def add_clada_flags(p: argparse.ArgumentParser):
     p.add_argument("--reselect", default=None, action=argparse.BooleanOptionalAction)
     p.add_argument("--kernel", default=None, choices=["auto", "reference"])
     p.add_argument("--sparsify", default=None,
-                   help="comma-separated threshold groups of the profile to use (mlp_down,mlp_in,attn_in,attn_out); "
+                   help="comma-separated threshold groups of the profile to use (mlp_down,mlp_in,attn_in,attn_out,lm_head); "
                         "default: every group the profile has")
     p.add_argument("--input_active", default=None,
                    help="kept fraction per input group, re-targeted along the profile's curves, e.g. "

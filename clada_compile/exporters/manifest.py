@@ -108,9 +108,11 @@ def build_manifest(*, model_id: str, arch: str, graphs, d_model: int, d_ff, k, t
         "sites": [dict(layer=s.layer, kind=s.kind, act=s.act, path=s.path, has_b_in=s.has_b_in,
                        has_b_up=s.has_b_up) for s in graphs.prefill.sites],
         # decode input clada.tau_in: (len(input_groups), n_layers) thresholds of these projection
-        # inputs; the attention rows act on attention_layers only
+        # inputs; the attention rows act on attention_layers only, the lm_head row (column 0) when
+        # head_thresholded
         "input_groups": list(INPUT_GROUPS),
         "attention_layers": list(graphs.decode.attention_layers),
+        "head_thresholded": bool(graphs.decode.head_thresholded),
         "dynamic_axes": dict(DYNAMIC_AXES),
         "validation": validation,
         "versions": versions,

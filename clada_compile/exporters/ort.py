@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import CladaConfig
+from ..config import INPUT_GROUPS, CladaConfig
 from ..engine import Engine, position_ids_from_mask
 from .manifest import FILES, MANIFEST, read_manifest, reexport_hint
 
@@ -103,6 +103,9 @@ class OrtCladaModel(Engine):
         self.vocab_size = m.get("vocab_size")
         # layers whose attention inputs the exported decode graph thresholds
         self.attention_layers = list(m.get("attention_layers", []))
+        self.head_thresholded = bool(m.get("head_thresholded", False))
+        # rows of clada.tau_in in this export: exports before the "lm_head" group have the first three
+        self._tau_in_rows = len(m.get("input_groups", INPUT_GROUPS))
         self.device = shared.device
         self.dtype = shared.dtype
         self.full = shared.full
@@ -324,7 +327,7 @@ class OrtCladaModel(Engine):
             feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
         feeds["clada.tau"] = self.taus if self.impl == "reference" else self._zero_taus
         if "clada.tau_in" in self.decode_inputs:  # exports before format 2 have no input thresholds
-            feeds["clada.tau_in"] = self.input_taus if self.impl == "reference" else self._zero_input_taus
+            feeds["clada.tau_in"] = (self.input_taus if self.impl == "reference" else self._zero_input_taus)[:self._tau_in_rows]
         presents = {x for x in self.decode_outputs if x.startswith("present.")}
         out = self._run(self._shared.decode, self._decode_io, feeds, self.decode_outputs, presents)
         logits, new, kept = self._split_outputs(out)

@@ -11,7 +11,8 @@ lower_decode:  each site -> clada::sparse_mlp on compacted weights that become g
                The original MLP weights drop out of the decode graph. With impl "dense" nothing
                is thresholded (both threshold inputs stay, unused); otherwise the MLP input goes
                through ops.threshold_input and projections.threshold_attention_inputs masks the
-               attention inputs (`traced.attention_layers`: the layers it matched).
+               attention inputs (`traced.attention_layers`: the layers it matched) and
+               threshold_head_input the lm_head's input (`traced.head_thresholded`).
 Both return (gm, count) and append to the TracedGraph's name lists in the order they add nodes.
 """
 
@@ -25,7 +26,7 @@ from torch import fx
 
 from ..ops import INPUT_GROUPS, threshold_input
 from ._match import sites
-from .projections import attention_projections, threshold_attention_inputs
+from .projections import attention_projections, threshold_attention_inputs, threshold_head_input
 
 clada = torch.ops.clada
 
@@ -134,9 +135,11 @@ def lower_decode(traced, n_layers: int, arch: str, impl: str):
     out_node.args = (tuple(out_node.args[0]) + tuple(kept),)
     traced.output_names += [f"clada.active.{s.layer}" for s in traced.sites]
     traced.attention_layers = []
+    traced.head_thresholded = False
     if impl != "dense":
         traced.attention_layers = sorted(attention_projections(g))
         threshold_attention_inputs(gm, tau_in)
+        traced.head_thresholded = threshold_head_input(gm, tau_in)[1] == 1
     return gm, len(found)
 
 

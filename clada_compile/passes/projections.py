@@ -1,4 +1,4 @@
-"""Input thresholds on the attention projections (TEAL-style activation sparsity).
+"""Input thresholds on the attention projections and the lm_head (TEAL-style activation sparsity).
 
 A projection y = x W^T whose input channel i is dropped (|x_i| < tau) never needs row i of W^T:
 the input-sparse GEMV skips it. lower_decode thresholds the MLP's input and its hidden h; this
@@ -19,6 +19,15 @@ Guards:       the layer index comes from the module path (layers.N / h.N); a lay
 Returns (gm, count): layers whose two attention inputs were thresholded. The caller compares
 count with the layer count: optimize() refuses `sparsify` attention groups on a model where a
 layer did not match, rather than ignoring thresholds silently.
+
+threshold_head_input does the same for the output projection (group "lm_head"):
+
+Pattern:      the one linear outside every decoder layer (no layers.N in its module path): the
+              lm_head, whatever the architecture calls it
+Replacement:  x -> ops.threshold_input(x, tau_in[lm_head, 0]) for that linear only
+Guards:       exactly one such linear (zero or several: nothing rewritten, count 0); a float input
+Returns (gm, count): 1 when the lm_head was thresholded. Engine.set_input_thresholds refuses an
+lm_head threshold on a graph where count was 0.
 
 passes.gemv folds threshold_input into the GEMV kernel's threshold (the dropped rows are never
 read); on other paths (reference, ONNX) it is a mask: abs, compare, where.
@@ -78,4 +87,29 @@ def threshold_attention_inputs(gm: fx.GraphModule, tau_in: fx.Node) -> tuple[fx.
     return gm, len(found)
 
 
-__all__ = ["ATTENTION_GROUPS", "attention_projections", "threshold_attention_inputs"]
+def head_projection(graph: fx.Graph) -> fx.Node | None:
+    """The lm_head linear: the only linear outside the decoder layers, None when not exactly one."""
+    outside = [n for n in graph.nodes if linear_parts(n) is not None and layer_index(n) is None]
+    if len(outside) != 1 or not _is_float(outside[0].args[0]):
+        return None
+    return outside[0]
+
+
+def threshold_head_input(gm: fx.GraphModule, tau_in: fx.Node) -> tuple[fx.GraphModule, int]:
+    """tau_in: the (len(INPUT_GROUPS), n_layers) threshold input; the lm_head reads column 0 of its row."""
+    g = gm.graph
+    head = head_projection(g)
+    if head is None:
+        return gm, 0
+    x = head.args[0]
+    with g.inserting_before(head):
+        row = g.call_function(torch.ops.aten.select.int, (tau_in, 0, INPUT_GROUPS.index("lm_head")))
+        t = g.call_function(torch.ops.aten.select.int, (row, 0, 0))
+        xm = g.call_function(threshold_input, (x, t))
+    xm.meta.update(x.meta)
+    head.replace_input_with(x, xm)
+    return gm, 1
+
+
+__all__ = ["ATTENTION_GROUPS", "attention_projections", "head_projection", "threshold_attention_inputs",
+           "threshold_head_input"]
