@@ -65,3 +65,23 @@ def test_per_token_taus_shape_is_checked():
     _, past, _ = cm.prefill(ids[:, :4])
     with pytest.raises(ValueError, match=r"per-token `taus` must have shape \(2, 1, 2\)"):
         cm.decode(ids[:, 4:], torch.ones(1, 6, dtype=torch.long), past, taus=torch.zeros(2, 3))
+
+
+def test_eval_calibrated_method_defaults_to_the_shipped_profile():
+    """`clada-eval --methods calibrated` without --profile uses the model's shipped profile, as the
+    other commands do; with --profile none (or a model without one) it is a clear error."""
+    import argparse
+
+    from clada_compile.calibrate import shipped_profile
+    from clada_compile.cli.common import add_clada_flags, add_model_flags, config_from_args
+    from clada_compile.cli.eval import method_configs
+
+    p = argparse.ArgumentParser()
+    add_model_flags(p)
+    add_clada_flags(p)
+    p.add_argument("--methods", default="calibrated")
+    args = p.parse_args(["--model_path", "smollm2"])
+    assert method_configs(args, config_from_args(args))["calibrated"].profile == shipped_profile("smollm2")
+    args = p.parse_args(["--model_path", "smollm2", "--profile", "none"])
+    with pytest.raises(ValueError, match="needs a profile: --profile FILE.*--profile none turned it off"):
+        method_configs(args, config_from_args(args))

@@ -32,9 +32,12 @@ def method_configs(args, base):
         elif m == "paper":
             out[m] = CladaConfig.preset("paper", top_k_ratio=top_k, backend=base.backend, precision=base.precision)
         elif m == "calibrated":
-            if not args.profile:
-                raise ValueError("method 'calibrated' needs --profile (make one with clada-calibrate)")
-            out[m] = CladaConfig.preset("calibrated", profile=args.profile, backend=base.backend, precision=base.precision,
+            # --profile, else the model's shipped one (config_from_args resolved it into base)
+            if base.profile is None:
+                raise ValueError(f"method 'calibrated' needs a profile: --profile FILE (make one with clada-calibrate); "
+                                 f"{args.model_path!r} ships none" + (" and --profile none turned it off"
+                                                                      if args.profile == "none" else ""))
+            out[m] = CladaConfig.preset("calibrated", profile=base.profile, backend=base.backend, precision=base.precision,
                                         target_active=base.target_active, kernel=base.kernel,
                                         sparsify=base.sparsify, input_active=base.input_active)
         elif m == "clada":
