@@ -132,7 +132,8 @@ class Engine:
     def set_input_thresholds(self, taus) -> None:
         """(len(INPUT_GROUPS), n_layers) thresholds of the MLP, attention and lm_head inputs."""
         taus = check_input_taus(taus, self.n_layers)
-        ignored = [g for i, g in enumerate(INPUT_GROUPS) if taus[i].any() and g not in self._thresholded_groups()]
+        applied = self._thresholded_groups()
+        ignored = [g for i, g in enumerate(INPUT_GROUPS) if taus[i].any() and g not in applied]
         if ignored:  # never a silently ignored setting
             why = ("a dense engine: optimize() with a profile in the config thresholds inputs"
                    if getattr(self, "impl", None) == "dense" else

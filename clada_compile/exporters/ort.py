@@ -104,8 +104,6 @@ class OrtCladaModel(Engine):
         # layers whose attention inputs the exported decode graph thresholds
         self.attention_layers = list(m.get("attention_layers", []))
         self.head_thresholded = bool(m.get("head_thresholded", False))
-        # rows of clada.tau_in in this export: exports before the "lm_head" group have the first three
-        self._tau_in_rows = len(m.get("input_groups", INPUT_GROUPS))
         self.device = shared.device
         self.dtype = shared.dtype
         self.full = shared.full
@@ -118,7 +116,10 @@ class OrtCladaModel(Engine):
                              f"config thresholds with a profile (target_active={config.target_active}, sparsify={config.sparsify}); "
                              f"re-export without --dense")
         self._zero_taus = torch.zeros_like(self.taus)
-        self._zero_input_taus = torch.zeros_like(self.input_taus)
+        # clada.tau_in as fed, made once: a view of the rows this export has (exports before the
+        # "lm_head" group have the first three) of input_taus (set in place) or of zeros
+        rows = len(m.get("input_groups", INPUT_GROUPS))
+        self._tau_in_feed = (self.input_taus if self.impl == "reference" else torch.zeros_like(self.input_taus))[:rows]
         self.prefill_inputs = list(m["prefill"]["inputs"])
         self.prefill_outputs = list(m["prefill"]["outputs"])
         self.decode_inputs = list(m["decode"]["inputs"])
@@ -327,7 +328,7 @@ class OrtCladaModel(Engine):
             feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
         feeds["clada.tau"] = self.taus if self.impl == "reference" else self._zero_taus
         if "clada.tau_in" in self.decode_inputs:  # exports before format 2 have no input thresholds
-            feeds["clada.tau_in"] = (self.input_taus if self.impl == "reference" else self._zero_input_taus)[:self._tau_in_rows]
+            feeds["clada.tau_in"] = self._tau_in_feed
         presents = {x for x in self.decode_outputs if x.startswith("present.")}
         out = self._run(self._shared.decode, self._decode_io, feeds, self.decode_outputs, presents)
         logits, new, kept = self._split_outputs(out)
