@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
+from . import hugepages
 from .config import INPUT_GROUPS, CladaConfig
 from .direct import DirectCompiled
 from .engine import Engine, context_length_of, position_ids_from_mask
@@ -111,12 +112,12 @@ class CladaModel(nn.Module, Engine):
         names = decode.input_names
         first = names.index("clada.tau_in")
         self.compact = [{} for _ in range(self.n_layers)]
-        self._decode_weights = []
-        for name in names[first + 1:]:
-            _, layer, key = name.split(".")
-            buf = self.compact[int(layer)]
-            buf[key] = torch.empty(self._compact_shape(int(layer), key), dtype=self._compact_dtype(key))
-            self._decode_weights.append(buf[key])
+        inputs = [name.split(".")[1:] for name in names[first + 1:]]  # (layer, key)
+        # one huge-page mapping for all of them (hugepages.py): the step streams every one
+        self._decode_weights = hugepages.empty([(self._compact_shape(int(layer), key), self._compact_dtype(key))
+                                                for layer, key in inputs])
+        for (layer, key), t in zip(inputs, self._decode_weights):
+            self.compact[int(layer)][key] = t
         for layer in range(self.n_layers):
             self.set_active(layer, torch.arange(self.k[layer]))
         self.inlined = 0  # sparse_mlp ops inlined into the inductor decode graph

@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .. import kernels  # noqa: F401  (registers torch.ops.clada.sparse_gemv_t)
+from .. import hugepages, kernels  # noqa: F401  (kernels registers torch.ops.clada.sparse_gemv_t)
 from ..ops import gemv_in, gemv_mlp, threshold_input
 from ..quantize import quantize_columns
 from ._match import is_op
@@ -108,13 +108,10 @@ def linears_to_gemv(gm: fx.GraphModule, cache: dict | None = None, quantize: boo
         groups.setdefault(x, []).append((node, wt, bt))
     count = 0
     cache = {} if cache is None else cache
+    keys = {x: (quantize, *((w.data_ptr(), tuple(w.shape)) for _, w, _ in members)) for x, members in groups.items()}
+    _fuse_into_cache(cache, {keys[x]: members for x, members in groups.items() if keys[x] not in cache}, quantize)
     for i, (x, members) in enumerate(groups.items()):
-        key = (quantize, *((w.data_ptr(), tuple(w.shape)) for _, w, _ in members))
-        if key not in cache:
-            with torch.no_grad():
-                fused = torch.cat([w.t() for _, w, _ in members], 1).contiguous()
-                cache[key] = quantize_columns(fused) if quantize else (fused, None)
-        fused, scale = cache[key]
+        fused, scale = cache[keys[x]]
         name = f"clada_gemv_wt_{i}"
         gm.register_buffer(name, fused)
         if scale is not None:
@@ -155,6 +152,23 @@ def linears_to_gemv(gm: fx.GraphModule, cache: dict | None = None, quantize: boo
             count += 1
     g.eliminate_dead_code()
     return gm, count
+
+
+def _fuse_into_cache(cache: dict, todo: dict, quantize: bool) -> None:
+    """cache[key] = (W^T of the group's weights side by side, per-column scales or None) for each
+    key -> members of `todo`, every W^T in one huge-page mapping (hugepages.py): the decode step
+    streams them all."""
+    if not todo:
+        return
+    specs = [((members[0][1].shape[1], sum(w.shape[0] for _, w, _ in members)),
+              torch.int8 if quantize else members[0][1].dtype) for members in todo.values()]
+    with torch.no_grad():
+        for (key, members), buf in zip(todo.items(), hugepages.empty(specs)):
+            if quantize:
+                q, scale = quantize_columns(torch.cat([w.t() for _, w, _ in members], 1))
+                cache[key] = (buf.copy_(q), scale)
+            else:
+                cache[key] = (torch.cat([w.t() for _, w, _ in members], 1, out=buf), None)
 
 
 def _input(node, args_index):
