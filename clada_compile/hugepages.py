@@ -21,6 +21,9 @@ import torch
 
 HUGE_PAGE = 1 << 21
 _ALIGN = 4096  # each tensor starts on a page of its own: no two tensors share a cache line or a TLB entry
+# Below one huge page of tensors in all (the tiny test models) there is nothing to gain, and the
+# first touch would still fault in a whole 2 MiB page: ordinary tensors then.
+MIN_BYTES = HUGE_PAGE
 
 
 def available() -> bool:
@@ -46,7 +49,7 @@ def empty(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor
     for shape, dtype in specs:
         offsets.append(total)
         total += -(-_nbytes(shape, dtype) // _ALIGN) * _ALIGN
-    if total == 0:
+    if total < MIN_BYTES:
         return [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
     # private and anonymous: Python's default MAP_SHARED would be shmem, which follows
     # shmem_enabled (usually "never"), not the anonymous THP setting

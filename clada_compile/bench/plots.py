@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ..io import atomic_write
+
 INSTALL_HINT = "pip install 'clada_compile[bench]'"
 
 
@@ -32,7 +34,7 @@ def save_figure(fig, ax, path, title: str, legend_size: float) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     _plt().close(fig)
     return Path(path)
 
@@ -70,7 +72,7 @@ def plot_trace(records: list[dict], path, title: str = "") -> Path:
     ax2.set_ylabel("active frac.")
     ax2.set_xlabel("generated token")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return Path(path)
 

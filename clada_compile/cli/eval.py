@@ -13,7 +13,7 @@ from pathlib import Path
 from clada_compile.cli.checks import (check_fractions, check_input_file, check_model, check_output_file,
                                      check_profile, check_threads)
 from clada_compile.cli.common import add_clada_flags, add_model_flags, config_from_args, run_cli
-from clada_compile.io import atomic_write_json
+from clada_compile.io import atomic_write_json, atomic_write_text
 
 METHODS = ("dense", "griffin", "paper", "calibrated", "clada")
 
@@ -172,7 +172,7 @@ def _ablation(args, cm, base, wins, variants):
     plot_ablation(results, out.with_suffix(".png"),
                   title=f"{args.model_path}: {len(wins)} windows x {args.continuation_tokens} scored tokens")
     table = ablation_table(results)
-    out.with_suffix(".md").write_text(table + "\n")
+    atomic_write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     print(f"wrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.md')}")
     return 0
