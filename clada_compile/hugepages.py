@@ -32,10 +32,10 @@ def available() -> bool:
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n * torch.empty((), dtype=dtype).element_size()
+    n = dtype.itemsize
+    for size in shape:
+        n *= int(size)
+    return n
 
 
 def empty(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
@@ -43,13 +43,11 @@ def empty(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor
 
     The mapping is unmapped when the last of the tensors (views of it) is freed: torch.frombuffer
     keeps a reference to the mmap object."""
-    if not available():
-        return [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
     offsets, total = [], 0
     for shape, dtype in specs:
         offsets.append(total)
         total += -(-_nbytes(shape, dtype) // _ALIGN) * _ALIGN
-    if total < MIN_BYTES:
+    if not available() or total < MIN_BYTES:
         return [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
     # private and anonymous: Python's default MAP_SHARED would be shmem, which follows
     # shmem_enabled (usually "never"), not the anonymous THP setting
@@ -57,20 +55,8 @@ def empty(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor
     mm.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the pages are faulted in at 2 MiB
     raw = torch.frombuffer(mm, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE  # the first tensor on a huge page boundary
-    out = []
-    for (shape, dtype), off in zip(specs, offsets):
-        n = _nbytes(shape, dtype)
-        out.append(raw[start + off:start + off + n].view(dtype).view(shape))
-    return out
-
-
-def copy_of(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Contiguous copies of `tensors` in one huge-page mapping (same values, dtypes and shapes)."""
-    out = empty([(tuple(t.shape), t.dtype) for t in tensors])
-    with torch.no_grad():
-        for dst, src in zip(out, tensors):
-            dst.copy_(src)
-    return out
+    return [raw[start + off:start + off + _nbytes(shape, dtype)].view(dtype).view(shape)
+            for (shape, dtype), off in zip(specs, offsets)]
 
 
 def in_huge_pages(t: torch.Tensor) -> bool:

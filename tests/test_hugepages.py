@@ -40,14 +40,6 @@ def test_empty_shapes_dtypes_and_layout():
         assert all(t.data_ptr() % 4096 == 0 for t in out)
 
 
-def test_copy_of_keeps_values():
-    src = [torch.randn(3, 70), torch.randn(5).to(torch.bfloat16), torch.randint(-5, 5, (9, 2), dtype=torch.int8),
-           torch.randn(6, 4).t()]  # a non-contiguous one too
-    out = hugepages.copy_of(src)
-    for a, b in zip(src, out):
-        assert b.dtype == a.dtype and b.is_contiguous() and torch.equal(a, b)
-
-
 def test_mapping_outlives_views_only():
     t = hugepages.empty([((1024,), torch.float32)])[0]
     view = t[10:20]
