@@ -73,6 +73,7 @@ def test_json_report_of_one_round_holds_the_measured_engines_in_the_documented_s
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]  # the atomic write left no temporary
     assert r["model"] == str(tiny_dir) and r["prompt_tokens"] == 16 and r["new_tokens"] == 8
     assert {"cpu", "torch", "transformers"} <= set(r["machine"])
+    assert len(r["machine"]["read_gb_per_s_rounds"]) == 1 and r["machine"]["read_gb_per_s"] > 0
     assert list(r["engines"]) == ["clada-dense-fp32", "hf-eager"]
     model, _ = load_model(str(tiny_dir))
     emb = model.get_input_embeddings().weight
@@ -86,6 +87,7 @@ def test_json_report_of_one_round_holds_the_measured_engines_in_the_documented_s
         assert len(e["rounds"]) == 1 and e["tok_s"] == e["rounds"][0] > 0
         assert e["precision"] == "fp32"
         assert e["weight_bytes_per_token"] == expected[name]
+        assert e["read_fraction"] == pytest.approx(e["gb_per_s"] / r["machine"]["read_gb_per_s"])
     assert r["engines"]["clada-dense-fp32"]["active_fraction"] == 1.0
     assert r["engines"]["hf-eager"]["active_fraction"] is None
     table = capsys.readouterr().out
@@ -109,6 +111,8 @@ def test_gb_per_s_is_bytes_per_token_times_median_tokens_per_s(tiny_dir, text, m
 
     monkeypatch.setitem(cmp.BUILDERS, "hf", fake)
     monkeypatch.setitem(cmp.BUILDERS, "clada", fake)
+    probes = iter([20.0, 5.0, 10.0])  # the read bandwidth after each measured round, GB/s
+    monkeypatch.setattr(cmp, "read_bandwidth", lambda: next(probes))
     r = cmp.compare(str(tiny_dir), "hf-eager,clada-dense-fp32", text, prompt_tokens=8, new_tokens=4, rounds=3)
     hf, clada = r["engines"]["hf-eager"], r["engines"]["clada-dense-fp32"]
     assert hf["rounds"] == [4.0, 3.0, 5.0] and hf["tok_s"] == 4.0
@@ -116,6 +120,9 @@ def test_gb_per_s_is_bytes_per_token_times_median_tokens_per_s(tiny_dir, text, m
     assert clada["rounds"] == [10.0, 4.0, 9.0] and clada["tok_s"] == 9.0
     assert clada["weight_bytes_per_token"] == 3e8  # median of the measured 3e8, 2e8, 5e8, not the 9e9 formula
     assert clada["gb_per_s"] == pytest.approx(2.7)  # 3e8 B x 9 tok/s
+    assert r["machine"]["read_gb_per_s_rounds"] == [20.0, 5.0, 10.0] and r["machine"]["read_gb_per_s"] == 10.0
+    assert hf["read_fraction"] == pytest.approx(0.1) and clada["read_fraction"] == pytest.approx(0.27)
+    assert "| 27% |" in cmp.format_table(r) and "10.0 GB/s (median over rounds)" in cmp.format_table(r)
 
 
 def test_too_short_text_for_the_prompt_is_an_error(tiny_dir, text):
@@ -168,3 +175,21 @@ def test_table_ratios_compare_each_precision_with_its_llama_cpp_engine():
     assert "| 0.25x (llama.cpp-bf16) |" in lines["clada-bf16"]
     assert "| 1.00x (llama.cpp-q8_0) |" in lines["llama.cpp-q8_0"]
     assert "skipped: because" in lines["llama.cpp-gguf"]
+
+
+def test_read_bandwidth_is_bytes_over_the_median_pass_time(monkeypatch):
+    """A fake clock: passes of 0.5, 2.0 and 1.0 s over 4 MiB -> 4 MiB / 1.0 s (the median), in 1e9 B/s."""
+    from clada_compile.bench import roofline
+
+    ticks = iter([0.0, 0.5, 10.0, 12.0, 20.0, 21.0])
+    monkeypatch.setattr(roofline.time, "perf_counter", lambda: next(ticks))
+    assert roofline.read_bandwidth(4 << 20, repeats=3) == pytest.approx((4 << 20) / 1.0 / 1e9)
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(nbytes=2), "`nbytes` must be an integer >= 4, got 2"),
+                                     (dict(repeats=0), "`repeats` must be an integer >= 1, got 0")])
+def test_read_bandwidth_rejects_a_probe_that_reads_nothing(kw, msg):
+    from clada_compile.bench import roofline
+
+    with pytest.raises(ValueError, match=msg):
+        roofline.read_bandwidth(**kw)

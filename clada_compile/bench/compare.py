@@ -45,6 +45,11 @@ GB/s = weight bytes streamed per decode token x tok/s / 1e9, where the weight by
         token_embd, plus token_embd when the model has no separate output tensor (tied lm_head).
 These are lower bounds on memory traffic (activations and the KV cache are not counted).
 
+Roofline: after every measured round the machine's read bandwidth is probed (roofline.py: a
+512 MiB read at the engines' thread count); the report's machine.read_gb_per_s is their median
+(machine.read_gb_per_s_rounds each one), and each engine's read_fraction = its GB/s / that median,
+the "% of read" column: on a shared VM the bound itself moves by tens of percent between days.
+
 llama.cpp runs with its defaults otherwise (among them an f16 KV cache, where ours is fp32/bf16).
 """
 
@@ -67,6 +72,8 @@ from typing import Callable
 import torch
 
 from clada_compile.io import atomic_write_json
+
+from .roofline import read_bandwidth
 
 ENGINES = ("llama.cpp-f32", "llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-gguf", "ort-fp32", "hf-eager",
            "hf-static-compile", "clada-dense-fp32", "clada-fp32", "clada-dense-bf16", "clada-bf16",
@@ -491,6 +498,7 @@ def compare(model_path: str = "smollm2", engines=None, text=None, prompt_tokens:
                 skipped[name] = _reason(err)
                 say(f"  skipped: {skipped[name]}")
         measured = {name: [] for name in runners}
+        read_bw = []  # the machine's read bandwidth after each measured round (roofline.py)
         for r in range(rounds + 1):  # round 0: warm-up, not counted
             say("warm-up round" if r == 0 else f"round {r}/{rounds}")
             for name in list(runners):
@@ -503,10 +511,13 @@ def compare(model_path: str = "smollm2", engines=None, text=None, prompt_tokens:
                     continue
                 if r:
                     measured[name].append(m)
+            if r:
+                read_bw.append(read_bandwidth())
     finally:
         torch.set_num_threads(old_threads)
 
     results = {}
+    roof = statistics.median(read_bw)
     for name in names:
         if name in skipped:
             results[name] = dict(precision=_precision_of(name), skipped=skipped[name])
@@ -521,9 +532,12 @@ def compare(model_path: str = "smollm2", engines=None, text=None, prompt_tokens:
             wbytes = statistics.median(kernel_bytes)
         results[name] = dict(tok_s=tok_s, rounds=[m["tok_s"] for m in runs], precision=runner.precision,
                              active_fraction=af, gb_per_s=wbytes * tok_s / 1e9, weight_bytes_per_token=int(wbytes),
+                             read_fraction=wbytes * tok_s / 1e9 / roof,
                              prefill_s=statistics.median(m["prefill_s"] for m in runs), **runner.info)
     info = machine()
     info["threads"] = threads
+    info["read_gb_per_s"] = roof
+    info["read_gb_per_s_rounds"] = read_bw
     return dict(model=model_path, machine=info, prompt_tokens=int(ids.shape[1]), new_tokens=new_tokens,
                 rounds=rounds, threads=threads, text=str(text), clada_backend=backend, engines=results)
 
@@ -537,19 +551,23 @@ def reference_of(name: str, precision: str | None) -> str | None:
 
 def format_table(report: dict) -> str:
     eng = report["engines"]
-    lines = ["| engine | precision | tok/s | vs llama.cpp | GB/s | active frac. |", "|---|---|---|---|---|---|"]
+    lines = ["| engine | precision | tok/s | vs llama.cpp | GB/s | % of read | active frac. |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in eng.items():
         if "skipped" in r:
-            lines.append(f"| {name} | {r.get('precision') or '-'} | skipped: {r['skipped']} | | | |")
+            lines.append(f"| {name} | {r.get('precision') or '-'} | skipped: {r['skipped']} | | | | |")
             continue
         ref = reference_of(name, r["precision"])
         base = eng.get(ref, {}).get("tok_s") if ref else None
         ratio = f"{r['tok_s'] / base:.2f}x ({ref})" if base else (f"n/a ({ref} not run)" if ref else "n/a")
         af = "-" if r["active_fraction"] is None else f"{r['active_fraction']:.3f}"
-        lines.append(f"| {name} | {r['precision']} | {r['tok_s']:.2f} | {ratio} | {r['gb_per_s']:.2f} | {af} |")
+        frac = f"{100 * r['read_fraction']:.0f}%" if r.get("read_fraction") is not None else "-"
+        lines.append(f"| {name} | {r['precision']} | {r['tok_s']:.2f} | {ratio} | {r['gb_per_s']:.2f} | {frac} | {af} |")
+    read = (report.get("machine") or {}).get("read_gb_per_s")
+    read = f"; % of read = GB/s / the machine's read bandwidth, {read:.1f} GB/s (median over rounds)" if read else ""
     lines.append(f"(decode tok/s, prefill excluded: median of {report['rounds']} interleaved rounds after a warm-up "
                  f"round; {report['prompt_tokens']} prompt + {report['new_tokens']} new tokens, greedy; "
-                 f"{report['threads']} threads; GB/s = weight bytes read per decode token x tok/s)")
+                 f"{report['threads']} threads; GB/s = weight bytes read per decode token x tok/s{read})")
     return "\n".join(lines)
 
 
