@@ -530,9 +530,10 @@ def compare(model_path: str = "smollm2", engines=None, text=None, prompt_tokens:
         kernel_bytes = [m["measured_bytes"] for m in runs if m.get("measured_bytes")]
         if kernel_bytes:  # clada engines: what the GEMV kernel read, not a formula
             wbytes = statistics.median(kernel_bytes)
+        gb_per_s = wbytes * tok_s / 1e9
         results[name] = dict(tok_s=tok_s, rounds=[m["tok_s"] for m in runs], precision=runner.precision,
-                             active_fraction=af, gb_per_s=wbytes * tok_s / 1e9, weight_bytes_per_token=int(wbytes),
-                             read_fraction=wbytes * tok_s / 1e9 / roof,
+                             active_fraction=af, gb_per_s=gb_per_s, weight_bytes_per_token=int(wbytes),
+                             read_fraction=gb_per_s / roof,
                              prefill_s=statistics.median(m["prefill_s"] for m in runs), **runner.info)
     info = machine()
     info["threads"] = threads
@@ -563,8 +564,8 @@ def format_table(report: dict) -> str:
         af = "-" if r["active_fraction"] is None else f"{r['active_fraction']:.3f}"
         frac = f"{100 * r['read_fraction']:.0f}%" if r.get("read_fraction") is not None else "-"
         lines.append(f"| {name} | {r['precision']} | {r['tok_s']:.2f} | {ratio} | {r['gb_per_s']:.2f} | {frac} | {af} |")
-    read = (report.get("machine") or {}).get("read_gb_per_s")
-    read = f"; % of read = GB/s / the machine's read bandwidth, {read:.1f} GB/s (median over rounds)" if read else ""
+    roof = (report.get("machine") or {}).get("read_gb_per_s")  # absent in reports made before the probe
+    read = f"; % of read = GB/s / the machine's read bandwidth, {roof:.1f} GB/s (median over rounds)" if roof else ""
     lines.append(f"(decode tok/s, prefill excluded: median of {report['rounds']} interleaved rounds after a warm-up "
                  f"round; {report['prompt_tokens']} prompt + {report['new_tokens']} new tokens, greedy; "
                  f"{report['threads']} threads; GB/s = weight bytes read per decode token x tok/s{read})")
