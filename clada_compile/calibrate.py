@@ -32,11 +32,12 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
 from . import __version__
-from .ops import _hidden
+from .ops import ACTIVATIONS, _hidden
 
 FRACTIONS = [round(1.0 - 0.05 * i, 2) for i in range(19)]  # 1.00 .. 0.10
 ALLOCATIONS = ("uniform", "greedy")
@@ -69,6 +70,8 @@ class _Collector(fx.Interpreter):
             x, w_in, b_in, w_up, b_up, w_down, b_down = args[:7]
             self._sample(("mlp_in", self.layer), x)
             self._sample(self.layer, _hidden(x, w_in, b_in, w_up, b_up, args[9]))
+            if w_up is not None:  # act(gate): what mlp_criterion "gate" (CATS) thresholds
+                self._sample(("mlp_gate", self.layer), ACTIVATIONS[args[9]](F.linear(x, w_in, b_in)))
             self.layer += 1
         return super().call_function(target, args, kwargs)
 
@@ -113,6 +116,22 @@ def input_curve(x: torch.Tensor, extra: tuple = ()):
     for f in sorted(set(FRACTIONS) | set(extra), reverse=True):
         out.append((f, 0.0 if f >= 1.0 else float(mags[min(int((1.0 - f) * mags.numel()), mags.numel() - 1)])))
     return out
+
+
+def gate_curve(a: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, extra: tuple = ()):
+    """layer_curve for the CATS criterion: the fractions' taus are quantiles of |act(gate)| (a), the
+    error that of h with the neurons |a_j| < tau dropped (the same rows of a and h)."""
+    mags = a.abs().flatten().sort().values
+    a, h = a[:1024], h[:1024]
+    ref = h @ w_down.float().t()
+    ref_norm = ref.norm(dim=-1).clamp_min(1e-9)
+    curve = []
+    for f in sorted(set(FRACTIONS) | set(extra), reverse=True):
+        tau = 0.0 if f >= 1.0 else float(mags[min(int((1.0 - f) * mags.numel()), mags.numel() - 1)])
+        masked = torch.where(a.abs() >= tau, h, torch.zeros_like(h))
+        err = ((masked @ w_down.float().t() - ref).norm(dim=-1) / ref_norm).mean()
+        curve.append((f, tau, float(err)))
+    return curve
 
 
 def check_input_targets(input_targets) -> dict:
@@ -190,6 +209,16 @@ def calibrate(cm, token_ids: torch.Tensor, target_active: float = 0.5, error_bud
         layers.append(dict(layer=layer, tau=tau, active_fraction=f, rel_error=err,
                            curve=[dict(active_fraction=a, tau=t, rel_error=e) for a, t, e in c]))
     achieved = sum(layer["active_fraction"] for layer in layers) / len(layers)
+    gate = None
+    if all(("mlp_gate", layer) in acts for layer in range(cm.n_layers)):  # gated MLPs: CATS's thresholds too
+        target = round(target_active, 6)
+        glayers = []
+        for layer in range(cm.n_layers):
+            c = gate_curve(acts[("mlp_gate", layer)], acts[layer], cm.full[layer]["w_down"], (target,))
+            f, tau, err = next(p for p in c if p[0] == target)
+            glayers.append(dict(layer=layer, tau=tau, active_fraction=f, rel_error=err,
+                                curve=[dict(active_fraction=a, tau=t, rel_error=e) for a, t, e in c]))
+        gate = dict(target_active=target_active, achieved_active=target_active, layers=glayers)
     inputs = {}
     for group, target in input_targets.items():
         if group == "lm_head":  # one projection: one "layer" entry, whose tau fills the whole row
@@ -214,7 +243,7 @@ def calibrate(cm, token_ids: torch.Tensor, target_active: float = 0.5, error_bud
                 n_layers=cm.n_layers, d_ff=cm.d_ff, allocation=allocation, target_active=target_active,
                 achieved_active=achieved,
                 error_budget=error_budget, text=text_name, tokens=int(token_ids.numel() // window * window),
-                window=window, layers=layers, inputs=inputs)
+                window=window, layers=layers, inputs=inputs, **({"gate": gate} if gate else {}))
 
 
 def save_profile(prof: dict, path) -> None:
@@ -250,14 +279,21 @@ def profile_groups(prof: dict) -> tuple:
     return tuple(g for g in GROUPS if g == "mlp_down" or g in prof.get("inputs", {}))
 
 
-def profile_taus(prof: dict, n_layers: int, target_active: float | None = None, group: str = "mlp_down") -> torch.Tensor:
+def profile_taus(prof: dict, n_layers: int, target_active: float | None = None, group: str = "mlp_down",
+                 criterion: str = "h") -> torch.Tensor:
     """Per-layer thresholds of `group`: the profile's choice, or, for another target, the profile's
-    curves scaled so the mean kept fraction matches `target_active` (linear interpolation on the grid)."""
+    curves scaled so the mean kept fraction matches `target_active` (linear interpolation on the grid).
+    criterion "gate": the "mlp_down" thresholds on |act(gate)| (CladaConfig.mlp_criterion, CATS)."""
     if prof["n_layers"] != n_layers:
         raise ValueError(f"the profile is for {prof['n_layers']} layers, the model has {n_layers}")
     if group != "mlp_down" and group not in prof.get("inputs", {}):
         raise ValueError(f"the profile has no thresholds for {group!r} (it has {profile_groups(prof)})")
+    if group == "mlp_down" and criterion == "gate" and "gate" not in prof:
+        raise ValueError("`mlp_criterion` 'gate' needs a profile with thresholds on act(gate), which clada-calibrate "
+                         "writes for gated MLPs since this version; recalibrate (this profile has h thresholds only)")
     part = prof if group == "mlp_down" else prof["inputs"][group]
+    if group == "mlp_down" and criterion == "gate":
+        part = prof["gate"]
     if target_active is None or abs(target_active - part["achieved_active"]) < 1e-9:
         taus = [layer["tau"] for layer in part["layers"]]
     else:
@@ -299,7 +335,7 @@ def apply_profile(cm, path) -> dict:
     groups = cm.config.groups(profile_groups(prof))
     n = cm.n_layers
     if "mlp_down" in groups:
-        cm.set_thresholds(profile_taus(prof, n, cm.config.target_active))
+        cm.set_thresholds(profile_taus(prof, n, cm.config.target_active, criterion=cm.config.mlp_criterion))
     else:
         cm.set_thresholds(torch.zeros(n))
     inputs = torch.zeros(len(INPUT_GROUPS), n)

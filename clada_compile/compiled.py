@@ -97,7 +97,7 @@ class CladaModel(nn.Module, Engine):
         if self.quantized:
             self._quantize_full()
         self.decode_rewrites = {}
-        decode = self._decode_graph(graphs.decode_for(self.impl))
+        decode = self._decode_graph(graphs.decode_for(self.impl, config.mlp_criterion))
         self.decode_graph = decode
         # the KV cache lives in buffers this engine owns, written in place (passes/kvcache.py)
         self.kv_in_place = self.decode_rewrites["kv_cache_in_place"] > 0
@@ -152,7 +152,8 @@ class CladaModel(nn.Module, Engine):
         f, k = self.full[layer], self.k[layer]
         d_model = f["w_in"].shape[1]
         return {"w_in": (k, d_model), "w_up": (k, d_model), "b_in": (k,), "b_up": (k,),
-                "w_down_t": (k, f["w_down"].shape[0]), "w_in_t": (d_model, k), "w_gu_t": (d_model, 2 * k),
+                "w_down_t": (k, f["w_down"].shape[0]), "w_in_t": (d_model, k), "w_g_t": (d_model, k),
+                "w_gu_t": (d_model, 2 * k),
                 "b_gu": (2 * k,), "s_in": (k,), "s_gu": (2 * k,), "s_down": (f["w_down"].shape[0],)}[key]
 
     def _compact_dtype(self, key: str) -> torch.dtype:
@@ -201,6 +202,8 @@ class CladaModel(nn.Module, Engine):
         for key in ("w_in", "w_up", "b_in", "b_up"):  # neuron-major inputs (reference graphs, ONNX)
             if key in buf:
                 torch.index_select(f[key], 0, idx, out=buf[key])
+        if "w_g_t" in buf:  # mlp_criterion "gate": gate^T alone; up stays neuron-major (w_up above)
+            buf["w_g_t"].copy_(torch.index_select(f["w_in"], 0, idx).t())
         gu = buf.get("w_gu_t", buf.get("w_in_t"))  # [gate^T | up^T]: one contiguous stream for both
         if gu is not None:
             scales = buf.get("s_gu", buf.get("s_in"))

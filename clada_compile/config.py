@@ -16,6 +16,7 @@ WRAPPERS = ("cpp", "python")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 SCHEDULES = ("static", "clada", "continuous")
 SIGNALS = ("both", "entropy", "surprisal")
+MLP_CRITERIA = ("h", "gate")
 # Projection inputs that can carry a per-token threshold (drop channel i when |x_i| < tau; the
 # GEMV then never reads row i of W^T): "mlp_down" is the MLP's hidden h (the decode graph input
 # clada.tau), the others are the rows of clada.tau_in, in this order. "lm_head" is the input of the
@@ -87,6 +88,11 @@ class CladaConfig:
     input_active: kept fraction per input group, e.g. {"mlp_in": 0.8, "attn_in": 0.7}: those
         groups' thresholds are re-targeted along the profile's curves (as target_active does for
         h); groups not named keep the profile's calibrated target. None = the profile's targets.
+    mlp_criterion: what the "mlp_down" threshold compares: "h" (default: drop neuron j when
+        |h_j| < tau, h = act(gate) * up, the down projection's input) or "gate" (the CATS baseline,
+        arXiv 2404.08763: drop it when |act(gate_j)| < tau, so its up and down rows are skipped
+        and only the gate is computed in full). "gate" needs gated MLPs, a profile with gate
+        thresholds (clada-calibrate writes them) and fp32/bf16 weights.
     """
 
     top_k_ratio: float = 1.0
@@ -108,6 +114,7 @@ class CladaConfig:
     precision: str = "fp32"
     sparsify: tuple | None = None
     input_active: tuple | None = None
+    mlp_criterion: str = "h"
     seed: int = 0
 
     def __post_init__(self):
@@ -134,6 +141,10 @@ class CladaConfig:
             raise ValueError("`kernel` 'cpp' is now called 'auto' (the C++ GEMV kernel on CPU); pass kernel='auto'")
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("mlp_criterion", self.mlp_criterion, MLP_CRITERIA)
+        if self.mlp_criterion == "gate" and self.precision == "int8":
+            raise ValueError("`mlp_criterion` 'gate' (CATS) runs fp32/bf16 weights (its up projection reads "
+                             "neuron-major rows, which the int8 kernel does not); use precision 'fp32' or 'bf16'")
         if self.sparsify is not None:
             if isinstance(self.sparsify, str) or not isinstance(self.sparsify, (tuple, list)):
                 raise ValueError(f"`sparsify` must be a tuple of group names from {GROUPS} (or None for the "

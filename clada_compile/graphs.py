@@ -31,16 +31,18 @@ class CladaGraphs:
     # every engine on these graphs (CLADA and its dense twin)
     gemv_weights: dict = field(default_factory=dict)
 
-    def decode_for(self, impl: str) -> TracedGraph:
-        """The decode graph whose sparse_mlp ops run with `impl` (built once per impl)."""
-        if impl not in self._lowered:
+    def decode_for(self, impl: str, criterion: str = "h") -> TracedGraph:
+        """The decode graph whose MLP ops run with `impl` and drop neurons by `criterion`
+        (CladaConfig.mlp_criterion), built once per pair."""
+        key = (impl, criterion if impl != "dense" else "h")
+        if key not in self._lowered:
             src = self.fused_decode
             gm = fx.GraphModule(src.gm, copy.deepcopy(src.gm.graph))
             traced = TracedGraph(gm, "decode", list(src.input_names), list(src.output_names))
-            lower_decode(traced, self.n_layers, self.arch, impl)
+            lower_decode(traced, self.n_layers, self.arch, *key)
             _finish(gm)
-            self._lowered[impl] = traced
-        return self._lowered[impl]
+            self._lowered[key] = traced
+        return self._lowered[key]
 
     @property
     def decode(self) -> TracedGraph:

@@ -1,6 +1,6 @@
 """The clada sparse-MLP custom ops and their reference math.
 
-Two ops, one per phase of generation (see DESIGN.md, "The sparse MLP block"):
+Two ops, one per phase of generation (see DESIGN.md, "The sparse MLP block"), and a variant:
 
   clada::scored_mlp  prefill. Full weights. Returns the MLP output and, per sequence, the Griffin
                      score of every neuron: rows h_t / ||h_t||, then the L2 norm of each column
@@ -8,6 +8,9 @@ Two ops, one per phase of generation (see DESIGN.md, "The sparse MLP block"):
   clada::sparse_mlp  decode. Compacted weights of the active set (k neurons). w_down arrives
                      TRANSPOSED (k, d_model), so each neuron's output weights are one contiguous
                      row: that is the layout the input-sparse GEMV kernel streams.
+  clada::gate_sparse_mlp  decode, CladaConfig(mlp_criterion="gate"): the CATS baseline (arXiv
+                     2404.08763). Same inputs as sparse_mlp, but neuron j is dropped when
+                     |act(gate_j)| < tau, so up (and down) need not be computed for it.
 
 Both take `tau`, a 1-element tensor that is a graph input: neurons with |h_j| < tau are dropped
 (tau = 0 keeps them all). Teacher-forced scoring may pass one threshold per token instead
@@ -124,6 +127,58 @@ def sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act: str, 
     # neurons actually kept, summed over the step's tokens: the controller reports real sparsity
     kept = keep.sum().to(torch.float32)
     return (out if b_down is None else out + b_down), kept
+
+
+@torch.library.custom_op("clada::gate_sparse_mlp", mutates_args=())
+def gate_sparse_mlp(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    w_down_t: torch.Tensor,
+    b_down: torch.Tensor | None,
+    tau: torch.Tensor,
+    act: str,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return gate_sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl)
+
+
+@gate_sparse_mlp.register_fake
+def _(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl):
+    return x.new_empty((*x.shape[:-1], w_down_t.shape[1])), x.new_empty((), dtype=torch.float32)
+
+
+def gate_sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act: str, impl: str):
+    """The body of clada::gate_sparse_mlp (CATS): keep neuron j when |act(x @ w_in_j)| >= tau.
+    The masked form; the GEMV form (gemv_gate_mlp) skips the dropped neurons' up and down rows."""
+    a = ACTIVATIONS[act](F.linear(x, w_in, b_in))
+    keep = a.abs() >= _per_row(tau, a).to(a.dtype)
+    h = a * F.linear(x, w_up, b_up)
+    if impl != "dense":
+        h = torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device))
+    out = h @ w_down_t
+    return (out if b_down is None else out + b_down), keep.sum().to(torch.float32)
+
+
+def gemv_gate_mlp(x, w_g_t, w_up, w_down_t, b_down, tau, tau_in, act: str):
+    """gate_sparse_mlp on the kernels (passes.sparse_mlp_to_gemv): the gate as one GEMV over
+    w_g_t (d_model, k), then only the kept neurons' rows of the neuron-major w_up (k, d_model)
+    (kernels.gated_rows_gemv) and of w_down_t: h is exactly 0 for a dropped neuron, and the down
+    GEMV's smallest positive threshold skips those rows. tau_in: the mlp_in threshold of x."""
+    from clada_compile import kernels
+
+    a = ACTIVATIONS[act](gemv_in(x, w_g_t, tau_in))
+    keep = a.abs() >= _per_row(tau, a).to(a.dtype)
+    if tau.numel() == 1 and tau_in.numel() == 1:
+        h = kernels.gated_rows_gemv(threshold_mask(x, tau_in), w_up, a, tau.reshape(1).float())
+        # the smallest positive threshold: the down GEMV skips exactly the rows where h is 0
+        out = kernels.sparse_gemv_t(h, w_down_t, torch.full((1,), torch.finfo(torch.float32).tiny))
+    else:  # per-token thresholds (teacher-forced scoring): the masked form
+        h = torch.where(keep, a * (threshold_mask(x, tau_in) @ w_up.t()), torch.zeros((), dtype=a.dtype))
+        out = h @ w_down_t
+    return (out if b_down is None else out + b_down), keep.sum().to(torch.float32)
 
 
 def threshold_input(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,9 @@ Methods (the issue's baselines):
   inputs      calibrated, plus every input group of the profile (gate/up, q/k/v, o inputs) at
               kept fraction f: one point per (t, f) in targets x input fractions (TEAL-style
               sparsity on every decode projection; needs a profile made with --inputs)
+  cats        CATS (arXiv 2404.08763): full backbone, a per-layer threshold on |act(gate)| at
+              kept fraction t (the profile's gate curves, same calibration text), up and down
+              rows of the dropped neurons skipped (CladaConfig(mlp_criterion="gate"))
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ..evaluate import score
 from ..metrics import bootstrap_ratio
 from .timing import time_engines
 
-METHODS = ("griffin", "paper", "calibrated", "inputs")
+METHODS = ("griffin", "paper", "calibrated", "inputs", "cats")
 
 
 def sweep_points(methods, top_ks, targets, backend: str, kernel: str = "auto", profile=None, input_fractions=()):
@@ -37,12 +40,13 @@ def sweep_points(methods, top_ks, targets, backend: str, kernel: str = "auto", p
             raise ValueError(f"unknown sweep method {m!r}; choose from {', '.join(METHODS)}")
         if m in ("griffin", "paper"):
             pts += [(m, "top_k_ratio", r, CladaConfig.preset(m, top_k_ratio=r, backend=backend)) for r in top_ks]
-        elif m == "calibrated":
+        elif m in ("calibrated", "cats"):
             if profile is None:
-                raise ValueError("sweep method 'calibrated' needs a profile (--profile, or the shipped one for smollm2)")
+                raise ValueError(f"sweep method {m!r} needs a profile (--profile, or the model's shipped one)")
+            criterion = "gate" if m == "cats" else "h"
             pts += [(m, "target_active", t, CladaConfig.preset("calibrated", profile=profile, target_active=t,
-                                                               backend=backend, kernel=kernel,
-                                                               sparsify=("mlp_down",))) for t in targets]
+                                                               backend=backend, kernel=kernel, sparsify=("mlp_down",),
+                                                               mlp_criterion=criterion)) for t in targets]
         else:
             pts += _input_points(profile, targets, input_fractions, backend, kernel)
     return pts

@@ -43,6 +43,9 @@ def add_clada_flags(p: argparse.ArgumentParser):
     p.add_argument("--input_active", default=None,
                    help="kept fraction per input group, re-targeted along the profile's curves, e.g. "
                         "mlp_in=0.8,attn_in=0.7 (default: the profile's calibrated targets)")
+    p.add_argument("--mlp_criterion", default=None, choices=["h", "gate"],
+                   help="what the MLP's threshold compares: h (default, CLADA) or gate: |act(gate)|, the CATS "
+                        "baseline (up and down rows of dropped neurons skipped; torch backends, fp32/bf16)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -50,7 +53,7 @@ def config_from_args(args, **extra):
     from clada_compile import CladaConfig
 
     fields = ("top_k_ratio", "min_active_neurons", "surprisal_threshold", "entropy_threshold", "update_window",
-              "target_active", "profile", "schedule", "reselect", "kernel", "seed")
+              "target_active", "profile", "schedule", "reselect", "kernel", "mlp_criterion", "seed")
     kw = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
     if getattr(args, "sparsify", None) is not None:
         kw["sparsify"] = tuple(x.strip() for x in args.sparsify.split(",") if x.strip())

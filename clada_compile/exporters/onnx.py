@@ -159,6 +159,9 @@ def _check_args(config, precision, opset, low_memory, low_memory_bits) -> None:
         raise ValueError(f"`precision` must be one of {', '.join(map(repr, PRECISIONS))} for ONNX export, got {precision!r}")
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"`opset` must be in [{SUPPORTED_OPSETS.start}, {SUPPORTED_OPSETS.stop - 1}], got {opset!r}")
+    if config.mlp_criterion != "h":
+        raise ValueError(f"the ONNX export thresholds h; `mlp_criterion` {config.mlp_criterion!r} (CATS) is a torch-engine "
+                         f"baseline (clada_compile.optimize); export with mlp_criterion 'h'")
     if low_memory and low_memory_bits not in BITS:
         raise ValueError(f"`low_memory_bits` must be 8 or 4, got {low_memory_bits!r}")
 

@@ -111,6 +111,9 @@ class OrtCladaModel(Engine):
         # and target_active < 1); otherwise decode gets tau = 0, i.e. exactly the compacted backbone.
         # "reference": the thresholds applied as a numeric mask, ops.IMPLS' name for it
         self.impl = "dense" if not config.enabled or not config.uses_threshold else "reference"
+        if self.impl == "reference" and config.mlp_criterion != "h":
+            raise ValueError(f"the ONNX decode graph thresholds h; `mlp_criterion` {config.mlp_criterion!r} (CATS) is a "
+                             f"torch-engine baseline: run it with clada_compile.optimize, or use mlp_criterion 'h'")
         if self.impl == "reference" and m.get("impl") == "dense":
             raise ValueError(f"{shared.path} was exported with dense=True (no threshold mask in decode.onnx), but the "
                              f"config thresholds with a profile (target_active={config.target_active}, sparsify={config.sparsify}); "

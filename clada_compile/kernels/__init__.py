@@ -59,7 +59,9 @@ import torch
 __all__ = [
     "KernelUnavailableError",
     "decode_attention",
+    "gated_rows_gemv",
     "load_cpu_extension",
+    "reference_gated_rows_gemv",
     "reference_sparse_gemv_t",
     "reference_sparse_gemv_t_q8",
     "sparse_gemv_t",
@@ -302,6 +304,62 @@ _sparse_gemv_t_q8_op = torch.ops.clada.sparse_gemv_t_q8.default
 def sparse_gemv_t_q8(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """``where(|x| >= tau, x, 0) @ wq.float() * scale`` via ``torch.ops.clada.sparse_gemv_t_q8``."""
     return _sparse_gemv_t_q8_op(x, wq, scale, tau)
+
+
+# ---- rows whose gate passes (the CATS baseline's up projection) ----------------------------
+# clada::gated_rows_gemv(x, w, a, tau) = where(|a| >= tau, a * (x @ w.T), 0): w (M, D) row-major
+# (neuron-major up weights), a = act(gate) (..., M). One row on CPU, float32/bfloat16 -> the C++
+# kernel (sparse_gemv.cpp: reads only the rows of the kept neurons); anything else -> the reference.
+torch.library.define("clada::gated_rows_gemv", "(Tensor x, Tensor w, Tensor a, Tensor tau) -> Tensor")
+
+
+def reference_gated_rows_gemv(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Pure-torch reference: ``where(|a| >= tau, a * (x @ w.T), 0)`` (the test in float32)."""
+    mag = a.abs()
+    if mag.dtype in (torch.float16, torch.bfloat16):
+        mag = mag.float()
+    return torch.where(mag >= tau, a * (x @ w.t()), 0)
+
+
+def _check_inputs_gated(x, w, a, tau) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"`w` must be 2-D (M, D), got shape {tuple(w.shape)}")
+    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"`x` last dim must equal `w` columns (D): got x shape {tuple(x.shape)}, w shape {tuple(w.shape)}")
+    if a.dim() != x.dim() or a.shape[-1] != w.shape[0] or a.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"`a` must have shape (..., M) matching x's leading dims: got a shape {tuple(a.shape)}, "
+                         f"x shape {tuple(x.shape)}, w shape {tuple(w.shape)}")
+    if not (x.dtype == w.dtype == a.dtype):
+        raise ValueError(f"`x`, `w` and `a` dtypes must match, got {x.dtype}, {w.dtype} and {a.dtype}")
+    if not x.is_floating_point():
+        raise ValueError(f"`x` must be a floating-point tensor, got {x.dtype}")
+    if tau.dtype != torch.float32 or tau.numel() != 1 or tau.dim() > 1:
+        raise ValueError("`tau` must be a 1-element float32 tensor (0-dim or shape (1,)), got "
+                         f"dtype {tau.dtype} shape {tuple(tau.shape)}")
+
+
+def _gated_rows_gemv_impl(x, w, a, tau):
+    _check_inputs_gated(x, w, a, tau)
+    if math.prod(x.shape[:-1]) == 1 and x.device.type == "cpu" and x.dtype in _CPU_KERNEL_DTYPES:
+        load_cpu_extension()  # registers the C++ CPU implementation too; later calls skip this layer
+        return torch.ops.clada_cpu.gated_rows_gemv_cpu(x, w, a, tau.cpu())
+    return reference_gated_rows_gemv(x, w, a, tau.to(x.device))
+
+
+def _gated_rows_gemv_fake(x, w, a, tau):
+    _check_inputs_gated(x, w, a, tau)
+    return a.new_empty(a.shape)
+
+
+torch.library.impl("clada::gated_rows_gemv", "CompositeExplicitAutograd", _gated_rows_gemv_impl)
+torch.library.register_fake("clada::gated_rows_gemv", _gated_rows_gemv_fake)
+_gated_rows_gemv_op = torch.ops.clada.gated_rows_gemv.default
+
+
+def gated_rows_gemv(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``where(|a| >= tau, a * (x @ w.T), 0)`` via ``torch.ops.clada.gated_rows_gemv``: a dropped
+    neuron's row of ``w`` is never read."""
+    return _gated_rows_gemv_op(x, w, a, tau)
 
 
 # ---- attention at decode ---------------------------------------------------------------------

@@ -534,6 +534,100 @@ at::Tensor sparse_gemv_t_q8_cpu(const at::Tensor& x_in, const at::Tensor& wq_in,
   return y;
 }
 
+// --- CATS-style up projection: only the rows whose gate passes --------------------------------
+// h[j] = a[j] * dot(w[j, :], x) where |a[j]| >= tau, else 0; w (M, D) row-major (neuron-major up
+// weights: each kept neuron's row is one contiguous read), a = act(gate) (M,), x (D,). The baseline
+// of arXiv 2404.08763 (CATS): the gate is computed in full, up and down skip the dropped neurons.
+inline float dot_row(const float* w, const float* x, int64_t D) {
+  vf s0 = splat(0.f), s1 = splat(0.f), s2 = splat(0.f), s3 = splat(0.f);
+  int64_t d = 0;
+  for (; d + 4 * kVec <= D; d += 4 * kVec) {
+    s0 += load_vec(w + d) * load_vec(x + d);
+    s1 += load_vec(w + d + kVec) * load_vec(x + d + kVec);
+    s2 += load_vec(w + d + 2 * kVec) * load_vec(x + d + 2 * kVec);
+    s3 += load_vec(w + d + 3 * kVec) * load_vec(x + d + 3 * kVec);
+  }
+  for (; d + kVec <= D; d += kVec) s0 += load_vec(w + d) * load_vec(x + d);
+  vf s = (s0 + s1) + (s2 + s3);
+  float out = 0.f;
+  for (int i = 0; i < kVec; ++i) out += s[i];
+  for (; d < D; ++d) out += w[d] * x[d];
+  return out;
+}
+
+inline float dot_row(const c10::BFloat16* w, const float* x, int64_t D) {
+  vf s0 = splat(0.f), s1 = splat(0.f);
+  int64_t d = 0;
+  for (; d + 2 * kVec <= D; d += 2 * kVec) {
+    s0 += load_vec(w + d) * load_vec(x + d);
+    s1 += load_vec(w + d + kVec) * load_vec(x + d + kVec);
+  }
+  for (; d + kVec <= D; d += kVec) s0 += load_vec(w + d) * load_vec(x + d);
+  vf s = s0 + s1;
+  float out = 0.f;
+  for (int i = 0; i < kVec; ++i) out += s[i];
+  for (; d < D; ++d) out += static_cast<float>(w[d]) * x[d];
+  return out;
+}
+
+template <typename T>
+void gated_rows_typed(const at::Tensor& x, const at::Tensor& w, const at::Tensor& a, float tau, at::Tensor& h) {
+  const int64_t M = w.size(0);
+  const int64_t D = w.size(1);
+  const int64_t ld = w.stride(0);
+  const T* wp = w.const_data_ptr<T>();
+  T* hp = h.mutable_data_ptr<T>();
+  std::vector<float> xf(D);
+  const T* xp = x.const_data_ptr<T>();
+  for (int64_t d = 0; d < D; ++d) xf[d] = load_scalar(xp + d);
+  std::vector<int32_t> idx(M);
+  std::vector<float> val(M);
+  const int64_t nact = gather(a.const_data_ptr<T>(), M, tau, idx.data(), val.data());
+  g_weight_bytes.fetch_add(nact * D * static_cast<int64_t>(sizeof(T)), std::memory_order_relaxed);
+  for (int64_t j = 0; j < M; ++j) hp[j] = T(0.f);
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(D, 1));
+  at::parallel_for(0, nact, grain, [&](int64_t a0, int64_t a1) {
+    for (int64_t i = a0; i < a1; ++i) {
+      const int64_t j = idx[i];
+      hp[j] = T(val[i] * dot_row(wp + j * ld, xf.data(), D));
+    }
+  });
+}
+
+// x (..., D) holding one row, w (M, D), a (..., M) in x's dtype (float32 or bfloat16); returns (..., M).
+at::Tensor gated_rows_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& a_in,
+                               const at::Tensor& tau) {
+  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu() && a_in.device().is_cpu() && tau.device().is_cpu(),
+              "gated_rows_gemv_cpu: CPU tensors only");
+  TORCH_CHECK(w_in.dim() == 2, "gated_rows_gemv_cpu: w must be 2-D (M, D)");
+  const int64_t M = w_in.size(0);
+  const int64_t D = w_in.size(1);
+  TORCH_CHECK(M <= INT32_MAX, "gated_rows_gemv_cpu: M must fit in int32");
+  TORCH_CHECK(x_in.numel() == D && a_in.numel() == M, "gated_rows_gemv_cpu: x must hold one row of D, a one of M");
+  TORCH_CHECK(x_in.scalar_type() == w_in.scalar_type() && a_in.scalar_type() == w_in.scalar_type(),
+              "gated_rows_gemv_cpu: x, w and a dtypes differ");
+  TORCH_CHECK(tau.numel() == 1 && tau.scalar_type() == at::kFloat,
+              "gated_rows_gemv_cpu: tau must be a 1-element float32 tensor");
+  g_kernel_calls.fetch_add(1, std::memory_order_relaxed);
+  at::Tensor h = at::empty(a_in.sizes(), a_in.options());
+  if (M == 0) return h;
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor a = a_in.contiguous();
+  const at::Tensor w = is_row_major(w_in) ? w_in : w_in.contiguous();
+  const float t = *tau.const_data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      gated_rows_typed<float>(x, w, a, t, h);
+      break;
+    case at::kBFloat16:
+      gated_rows_typed<c10::BFloat16>(x, w, a, t, h);
+      break;
+    default:
+      TORCH_CHECK(false, "gated_rows_gemv_cpu: only float32 and bfloat16, got ", x.scalar_type());
+  }
+  return h;
+}
+
 // --- clada::sparse_gemv_t for the CPU dispatch key ----------------------------
 // The op is defined in Python (kernels/__init__.py) with one Python
 // implementation for all devices. Once this library is loaded, the function
@@ -614,6 +708,31 @@ at::Tensor sparse_gemv_t_q8_op_cpu(const at::Tensor& x, const at::Tensor& wq, co
   return at::where(x.abs().ge(tau.to(x.device())), x, 0).matmul(wq.to(at::kFloat)).mul(scale);
 }
 
+// The same checks and dispatch as kernels/__init__.py's _gated_rows_gemv_impl (keep both in sync).
+at::Tensor gated_rows_gemv_op_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& a, const at::Tensor& tau) {
+  TORCH_CHECK_VALUE(w.dim() == 2, "`w` must be 2-D (M, D), got shape ", py_shape(w.sizes()));
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == w.size(1), "`x` last dim must equal `w` columns (D): got x shape ",
+                    py_shape(x.sizes()), ", w shape ", py_shape(w.sizes()));
+  TORCH_CHECK_VALUE(a.dim() == x.dim() && a.size(-1) == w.size(0) &&
+                        std::equal(a.sizes().begin(), a.sizes().end() - 1, x.sizes().begin()),
+                    "`a` must have shape (..., M) matching x's leading dims: got a shape ", py_shape(a.sizes()),
+                    ", x shape ", py_shape(x.sizes()), ", w shape ", py_shape(w.sizes()));
+  TORCH_CHECK_VALUE(x.scalar_type() == w.scalar_type() && a.scalar_type() == w.scalar_type(),
+                    "`x`, `w` and `a` dtypes must match, got ", py_dtype(x.scalar_type()), ", ",
+                    py_dtype(w.scalar_type()), " and ", py_dtype(a.scalar_type()));
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "`x` must be a floating-point tensor, got ",
+                    py_dtype(x.scalar_type()));
+  TORCH_CHECK_VALUE(tau.scalar_type() == at::kFloat && tau.numel() == 1 && tau.dim() <= 1,
+                    "`tau` must be a 1-element float32 tensor (0-dim or shape (1,)), got dtype ",
+                    py_dtype(tau.scalar_type()), " shape ", py_shape(tau.sizes()));
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const bool kernel_dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  if (rows == 1 && kernel_dtype) return gated_rows_gemv_cpu(x, w, a, tau.device().is_cpu() ? tau : tau.cpu());
+  at::Tensor mag = a.abs();
+  if (mag.scalar_type() != at::kFloat) mag = mag.to(at::kFloat);
+  return at::where(mag.ge(tau.to(a.device())), a.mul(x.matmul(w.t())), 0);
+}
+
 int64_t kernel_calls() { return g_kernel_calls.load(std::memory_order_relaxed); }
 int64_t weight_bytes_read() { return g_weight_bytes.load(std::memory_order_relaxed); }
 
@@ -622,6 +741,7 @@ int64_t weight_bytes_read() { return g_weight_bytes.load(std::memory_order_relax
 TORCH_LIBRARY(clada_cpu, m) {
   m.def("sparse_gemv_t_cpu(Tensor x, Tensor wt, Tensor tau) -> Tensor", &sparse_gemv_t_cpu);
   m.def("sparse_gemv_t_q8_cpu(Tensor x, Tensor wq, Tensor scale, Tensor tau) -> Tensor", &sparse_gemv_t_q8_cpu);
+  m.def("gated_rows_gemv_cpu(Tensor x, Tensor w, Tensor a, Tensor tau) -> Tensor", &gated_rows_gemv_cpu);
   m.def("kernel_calls() -> int", &kernel_calls);
   m.def("weight_bytes_read() -> int", &weight_bytes_read);
 }
@@ -629,4 +749,5 @@ TORCH_LIBRARY(clada_cpu, m) {
 TORCH_LIBRARY_IMPL(clada, CPU, m) {
   m.impl("sparse_gemv_t", &sparse_gemv_t_op_cpu);
   m.impl("sparse_gemv_t_q8", &sparse_gemv_t_q8_op_cpu);
+  m.impl("gated_rows_gemv", &gated_rows_gemv_op_cpu);
 }

@@ -34,6 +34,10 @@ sparse_mlp_to_gemv
   quantize=True: the engine feeds the three weights as int8; new inputs clada.L.s_gu (s_in)
                 and clada.L.s_down follow w_gu_t (w_in_t) and w_down_t with their per-column
                 scales, passed to gemv_mlp as s_gu / s_down. Guard: w_down_t is a placeholder.
+  CATS variant: clada.gate_sparse_mlp(same args) (mlp_criterion "gate") -> ops.gemv_gate_mlp(x,
+                w_g_t, w_up, w_down_t, b_down, tau, tau_in, act) on clada.L.w_g_t (d_model, k) =
+                gate^T (renamed from w_in) and the neuron-major clada.L.w_up it already has: the
+                up rows of dropped neurons are never read. Guards: no gate/up biases, no quantize.
 
 Both return (gm, count): linears rewritten, MLPs rewritten. Numerics: the same sums in another
 order (fp32 accumulation); tests compare with HF within the fp32 tolerance.
@@ -45,7 +49,7 @@ import torch
 from torch import fx
 
 from .. import hugepages, kernels  # noqa: F401  (kernels registers torch.ops.clada.sparse_gemv_t)
-from ..ops import gemv_in, gemv_mlp, threshold_input
+from ..ops import gemv_gate_mlp, gemv_in, gemv_mlp, threshold_input
 from ..quantize import quantize_columns
 from ._match import is_op
 
@@ -192,8 +196,9 @@ def sparse_mlp_to_gemv(traced, quantize: bool = False) -> tuple[fx.GraphModule, 
     gm = traced.gm
     g = gm.graph
     count = 0
+    cats_op = torch.ops.clada.gate_sparse_mlp.default
     for node in list(g.nodes):
-        if not (node.op == "call_function" and node.target is torch.ops.clada.sparse_mlp.default):
+        if not (node.op == "call_function" and node.target in (torch.ops.clada.sparse_mlp.default, cats_op)):
             continue
         x, _, _, _, _, w_down_t, b_down, tau, act, impl = node.args
         try:
@@ -202,6 +207,9 @@ def sparse_mlp_to_gemv(traced, quantize: bool = False) -> tuple[fx.GraphModule, 
             continue
         if quantize and not (isinstance(w_down_t, fx.Node) and w_down_t.op == "placeholder"):
             continue  # the engine quantizes only the weights it feeds (checked before any rewrite)
+        cats = node.target is cats_op
+        if cats and (quantize or b_in is not None or b_up is not None):
+            continue  # gemv_gate_mlp has no biases and no int8 rows; the op's masked form runs
         gated = w_up is not None
         names = traced.input_names
         phs = [n for n in g.nodes if n.op == "placeholder"]
@@ -224,6 +232,19 @@ def sparse_mlp_to_gemv(traced, quantize: bool = False) -> tuple[fx.GraphModule, 
             phs.insert(idx, new)
             return new
 
+        if cats:  # gate^T for the gate GEMV; w_up stays the neuron-major input it is
+            w_g_t = rename(w_in, f"clada.{layer}.w_g_t")
+            x0, tau_in = _unmask(x)
+            with g.inserting_before(node):
+                new = g.call_function(gemv_gate_mlp, (x0, w_g_t, w_up, w_down_t, b_down, tau,
+                                                      tau_in if tau_in is not None else _zero(gm), act))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+            del names[[n for n in g.nodes if n.op == "placeholder"].index(w_in)]
+            g.erase_node(w_in)
+            count += 1
+            continue
         w_new = rename(w_in, f"clada.{layer}.{'w_gu_t' if gated else 'w_in_t'}")
         scales = {}
         if quantize:

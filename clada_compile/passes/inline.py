@@ -9,7 +9,9 @@ itself opaque) as extern calls. The dense baseline gets the same treatment, so t
 stays like for like.
 
 Pattern:      call_function clada.sparse_mlp.default(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl)
-Replacement:  call_function ops.sparse_mlp_math(same args) -> the same (out, kept) tuple
+              (or clada.gate_sparse_mlp.default, same args)
+Replacement:  call_function ops.sparse_mlp_math (ops.gate_sparse_mlp_math)(same args) -> the same
+              (out, kept) tuple
 Guard:        none needed: same function, same arguments, same outputs.
 """
 
@@ -18,13 +20,15 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..ops import sparse_mlp_math
+from ..ops import gate_sparse_mlp_math, sparse_mlp_math
 
 
 def inline_sparse_mlp(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    bodies = {torch.ops.clada.sparse_mlp.default: sparse_mlp_math,
+              torch.ops.clada.gate_sparse_mlp.default: gate_sparse_mlp_math}
     count = 0
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.clada.sparse_mlp.default:
-            node.target = sparse_mlp_math
+        if node.op == "call_function" and node.target in bodies:
+            node.target = bodies[node.target]
             count += 1
     return gm, count

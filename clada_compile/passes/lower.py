@@ -13,6 +13,9 @@ lower_decode:  each site -> clada::sparse_mlp on compacted weights that become g
                through ops.threshold_input and projections.threshold_attention_inputs masks the
                attention inputs (`traced.attention_layers`: the layers it matched) and
                threshold_head_input the lm_head's input (`traced.head_thresholded`).
+               criterion "gate" (CladaConfig.mlp_criterion, the CATS baseline): each gated site
+               -> clada::gate_sparse_mlp instead (same inputs; tau thresholds |act(gate)|); a
+               plain MLP is an error. With impl "dense" the criterion does not matter.
 Both return (gm, count) and append to the TracedGraph's name lists in the order they add nodes.
 """
 
@@ -100,10 +103,21 @@ def lower_prefill(traced, n_layers: int, arch: str):
     return gm, len(found)
 
 
-def lower_decode(traced, n_layers: int, arch: str, impl: str):
+MLP_CRITERIA = ("h", "gate")
+
+
+def lower_decode(traced, n_layers: int, arch: str, impl: str, criterion: str = "h"):
+    if criterion not in MLP_CRITERIA:
+        raise ValueError(f"`criterion` must be one of {MLP_CRITERIA}, got {criterion!r}")
     gm = traced.gm
     g = gm.graph
     found = ordered_sites(gm, n_layers, arch)
+    gate = criterion == "gate" and impl != "dense"
+    plain = [s.meta["clada_layer"] for s in found if s.args[3] is None]
+    if gate and plain:
+        raise ValueError(f"`mlp_criterion` 'gate' (CATS) needs gated MLPs, act(x@Wg)*(x@Wu); {arch}'s MLPs in layers "
+                         f"{plain} are plain act(x@W1), where the default 'h' already thresholds the activation")
+    op = clada.gate_sparse_mlp.default if gate else clada.sparse_mlp.default
     tau = _add_input(traced, g, "clada.tau", _last_placeholder(g))
     last = tau_in = _add_input(traced, g, "clada.tau_in", tau)
     kept = []
@@ -121,7 +135,7 @@ def lower_decode(traced, n_layers: int, arch: str, impl: str):
                 row = g.call_function(torch.ops.aten.select.int, (tau_in, 0, INPUT_GROUPS.index("mlp_in")))
                 x = g.call_function(threshold_input, (x, g.call_function(torch.ops.aten.select.int, (row, 0, layer))))
                 x.meta.update(site.args[0].meta)
-            call = g.call_function(clada.sparse_mlp.default, (
+            call = g.call_function(op, (
                 x, new["w_in"], new.get("b_in"), new.get("w_up"), new.get("b_up"), new["w_down_t"],
                 b_down, t, act, impl))
             out = g.call_function(operator.getitem, (call, 0))
