@@ -538,36 +538,24 @@ at::Tensor sparse_gemv_t_q8_cpu(const at::Tensor& x_in, const at::Tensor& wq_in,
 // h[j] = a[j] * dot(w[j, :], x) where |a[j]| >= tau, else 0; w (M, D) row-major (neuron-major up
 // weights: each kept neuron's row is one contiguous read), a = act(gate) (M,), x (D,). The baseline
 // of arXiv 2404.08763 (CATS): the gate is computed in full, up and down skip the dropped neurons.
-inline float dot_row(const float* w, const float* x, int64_t D) {
-  vf s0 = splat(0.f), s1 = splat(0.f), s2 = splat(0.f), s3 = splat(0.f);
+// out[g] = dot(rows[g][0:D], x[0:D]) for G rows at once: G concurrent streams (as gemv_rows keeps
+// kGroup, one stream per core reads slower here than several) and one load of x per G rows.
+template <int G, typename W>
+inline void dot_rows(const W* const* rows, const float* x, int64_t D, float* out) {
+  vf s[G];
+  for (int g = 0; g < G; ++g) s[g] = splat(0.f);
   int64_t d = 0;
-  for (; d + 4 * kVec <= D; d += 4 * kVec) {
-    s0 += load_vec(w + d) * load_vec(x + d);
-    s1 += load_vec(w + d + kVec) * load_vec(x + d + kVec);
-    s2 += load_vec(w + d + 2 * kVec) * load_vec(x + d + 2 * kVec);
-    s3 += load_vec(w + d + 3 * kVec) * load_vec(x + d + 3 * kVec);
+  for (; d + kVec <= D; d += kVec) {
+    const vf xv = load_vec(x + d);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) s[g] += load_vec(rows[g] + d) * xv;
   }
-  for (; d + kVec <= D; d += kVec) s0 += load_vec(w + d) * load_vec(x + d);
-  vf s = (s0 + s1) + (s2 + s3);
-  float out = 0.f;
-  for (int i = 0; i < kVec; ++i) out += s[i];
-  for (; d < D; ++d) out += w[d] * x[d];
-  return out;
-}
-
-inline float dot_row(const c10::BFloat16* w, const float* x, int64_t D) {
-  vf s0 = splat(0.f), s1 = splat(0.f);
-  int64_t d = 0;
-  for (; d + 2 * kVec <= D; d += 2 * kVec) {
-    s0 += load_vec(w + d) * load_vec(x + d);
-    s1 += load_vec(w + d + kVec) * load_vec(x + d + kVec);
+  for (int g = 0; g < G; ++g) {
+    float acc = 0.f;
+    for (int i = 0; i < kVec; ++i) acc += s[g][i];
+    for (int64_t e = d; e < D; ++e) acc += load_scalar(rows[g] + e) * x[e];
+    out[g] = acc;
   }
-  for (; d + kVec <= D; d += kVec) s0 += load_vec(w + d) * load_vec(x + d);
-  vf s = s0 + s1;
-  float out = 0.f;
-  for (int i = 0; i < kVec; ++i) out += s[i];
-  for (; d < D; ++d) out += static_cast<float>(w[d]) * x[d];
-  return out;
 }
 
 template <typename T>
@@ -587,9 +575,22 @@ void gated_rows_typed(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   for (int64_t j = 0; j < M; ++j) hp[j] = T(0.f);
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(D, 1));
   at::parallel_for(0, nact, grain, [&](int64_t a0, int64_t a1) {
-    for (int64_t i = a0; i < a1; ++i) {
-      const int64_t j = idx[i];
-      hp[j] = T(val[i] * dot_row(wp + j * ld, xf.data(), D));
+    // kGroup far-apart runs of the share, one row of each per pass (gemv_rows' stream layout)
+    const int64_t len = (a1 - a0) / kGroup;
+    const T* rows[kGroup];
+    float dots[kGroup];
+    for (int64_t r = 0; r < len; ++r) {
+      for (int g = 0; g < kGroup; ++g) rows[g] = wp + static_cast<int64_t>(idx[a0 + g * len + r]) * ld;
+      dot_rows<kGroup>(rows, xf.data(), D, dots);
+      for (int g = 0; g < kGroup; ++g) {
+        const int64_t i = a0 + g * len + r;
+        hp[idx[i]] = T(val[i] * dots[g]);
+      }
+    }
+    for (int64_t i = a0 + kGroup * len; i < a1; ++i) {
+      rows[0] = wp + static_cast<int64_t>(idx[i]) * ld;
+      dot_rows<1>(rows, xf.data(), D, dots);
+      hp[idx[i]] = T(val[i] * dots[0]);
     }
   });
 }
