@@ -197,7 +197,7 @@ class CladaConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "CladaConfig":
-        """Named configurations: dense, griffin, paper, calibrated."""
+        """Named configurations: dense, griffin, paper, calibrated, cats."""
         presets = {
             # the dense model through the same graphs
             "dense": dict(enabled=False),
@@ -208,6 +208,9 @@ class CladaConfig:
                           surprisal_threshold=0.7, entropy_threshold=0.7, update_window=10),
             # full backbone, calibrated per-token thresholds (needs `profile`)
             "calibrated": dict(top_k_ratio=1.0, target_active=0.5, schedule="static"),
+            # the CATS baseline (arXiv 2404.08763): threshold on |act(gate)|, h only (needs `profile`)
+            "cats": dict(top_k_ratio=1.0, target_active=0.5, schedule="static", sparsify=("mlp_down",),
+                         mlp_criterion="gate"),
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")

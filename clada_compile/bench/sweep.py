@@ -43,10 +43,8 @@ def sweep_points(methods, top_ks, targets, backend: str, kernel: str = "auto", p
         elif m in ("calibrated", "cats"):
             if profile is None:
                 raise ValueError(f"sweep method {m!r} needs a profile (--profile, or the model's shipped one)")
-            criterion = "gate" if m == "cats" else "h"
-            pts += [(m, "target_active", t, CladaConfig.preset("calibrated", profile=profile, target_active=t,
-                                                               backend=backend, kernel=kernel, sparsify=("mlp_down",),
-                                                               mlp_criterion=criterion)) for t in targets]
+            pts += [(m, "target_active", t, CladaConfig.preset(m, profile=profile, target_active=t, backend=backend,
+                                                               kernel=kernel, sparsify=("mlp_down",))) for t in targets]
         else:
             pts += _input_points(profile, targets, input_fractions, backend, kernel)
     return pts
