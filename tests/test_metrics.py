@@ -156,19 +156,23 @@ def test_sweep_smoke(tiny_dir, tmp_path):
     text = DATA / "wikitext-2" / "valid.txt"
     assert bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--sweep", "--text", str(text),
                             "--profile", str(prof), "--sweep_top_k", "0.75,0.5", "--sweep_targets", "0.6",
+                            "--sweep_methods", "griffin,paper,calibrated,cats",
                             "--windows", "2", "--prompt_tokens", "16", "--continuation_tokens", "8",
                             "--prompt_len", "16", "--new_tokens", "6", "--repeats", "2", "--json", str(out)]) == 0
     s = json.loads(out.read_text())
     assert [(p["method"], p["value"]) for p in s["points"]] == [
-        ("griffin", 0.75), ("griffin", 0.5), ("paper", 0.75), ("paper", 0.5), ("calibrated", 0.6)]
+        ("griffin", 0.75), ("griffin", 0.5), ("paper", 0.75), ("paper", 0.5), ("calibrated", 0.6), ("cats", 0.6)]
     point = {(p["method"], p["value"]): p for p in s["points"]}
     for method in ("griffin", "paper"):  # a smaller top_k_ratio keeps fewer neurons, scoring and decoding
         for key in ("eval_active_fraction", "decode_active_fraction"):
             assert point[(method, 0.5)][key] < point[(method, 0.75)][key] < 1.0, (method, key)
     assert abs(point[("calibrated", 0.6)]["eval_active_fraction"] - 0.6) < 0.1
+    assert abs(point[("cats", 0.6)]["eval_active_fraction"] - 0.6) < 0.1  # the gate thresholds' target
     for p in s["points"]:
         lo, hi = p["ppl_increase_ci95"]
         assert lo <= p["ppl_increase_pct"] <= hi and len(p["raw_tokens_per_s"]) == 2
+        ratios = sorted(a / b for a, b in zip(p["raw_tokens_per_s"], s["dense_raw_tokens_per_s"]))
+        assert p["paired_speedup"] == pytest.approx(sum(ratios) / 2)  # the median of two rounds' ratios
     assert out.with_suffix(".png").stat().st_size > 0
     with pytest.raises(ValueError, match="--text"):
         bench.main_impl(["--model_path", str(tiny_dir), "--backend", "eager", "--sweep"])

@@ -22,6 +22,8 @@ Methods (the issue's baselines):
 
 from __future__ import annotations
 
+import statistics
+
 from tqdm.auto import tqdm
 
 from ..config import CladaConfig
@@ -86,20 +88,24 @@ def run_sweep(cm, points, wins, prompt_ids, new_tokens: int, repeats: int):
     d = timing["dense"]["median"]
     for i, row in enumerate(rows):
         t = timing[f"p{i}"]
-        row.update(tokens_per_s=t["median"], speedup=t["median"] / d, raw_tokens_per_s=t["raw"],
+        # paired: the median over rounds of (point / dense in the same round), less exposed to the
+        # machine's drift between rounds than the ratio of the two medians
+        paired = statistics.median(p / q for p, q in zip(t["raw"], timing["dense"]["raw"]))
+        row.update(tokens_per_s=t["median"], speedup=t["median"] / d, paired_speedup=paired, raw_tokens_per_s=t["raw"],
                    decode_active_fraction=t["active_fraction"])
     return dict(dense_tokens_per_s=d, dense_raw_tokens_per_s=timing["dense"]["raw"], points=rows)
 
 
 def frontier_table(res) -> str:
-    lines = ["| method | knob | value | PPL increase % (95% CI) | active frac. (eval / decode) | tok/s | speedup |",
-             "|---|---|---|---|---|---|---|",
-             f"| dense | | | 0 | 1.000 / 1.000 | {res['dense_tokens_per_s']:.2f} | 1.000x |"]
+    lines = ["| method | knob | value | PPL increase % (95% CI) | active frac. (eval / decode) | tok/s | speedup | paired |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| dense | | | 0 | 1.000 / 1.000 | {res['dense_tokens_per_s']:.2f} | 1.000x | |"]
     for r in res["points"]:
         lo, hi = r["ppl_increase_ci95"]
+        paired = f"{r['paired_speedup']:.3f}x" if "paired_speedup" in r else "-"  # older JSON lacks it
         lines.append(f"| {r['method']} | {r['knob']} | {r['value']} | {r['ppl_increase_pct']:+.2f} ({lo:+.2f}..{hi:+.2f}) | "
                      f"{r['eval_active_fraction']:.3f} / {r['decode_active_fraction']:.3f} | {r['tokens_per_s']:.2f} | "
-                     f"{r['speedup']:.3f}x |")
+                     f"{r['speedup']:.3f}x | {paired} |")
     return "\n".join(lines)
 
 
