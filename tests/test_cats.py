@@ -224,3 +224,12 @@ def test_sweep_cats_points_use_the_gate_criterion(tmp_path):
                for _, _, v, c in pts)
     with pytest.raises(ValueError, match="'cats' needs a profile"):
         sweep_points(["cats"], [], [0.5], "eager")
+
+
+def test_onnx_export_refuses_the_gate_criterion(tmp_path):
+    """The ONNX decode graph thresholds h: a CATS config is refused before any tracing."""
+    from clada_compile.exporters.onnx import export_onnx
+
+    with pytest.raises(ValueError, match="the ONNX export thresholds h; `mlp_criterion` 'gate'"):
+        export_onnx("smollm2", tmp_path / "out", config=CladaConfig(mlp_criterion="gate"))
+    assert not (tmp_path / "out").exists()
