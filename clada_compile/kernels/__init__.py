@@ -20,6 +20,10 @@ Public API
     ``x``'s dtype. It has a fake implementation, so ``torch.compile(
     fullgraph=True)`` and ``torch.export`` treat it as one opaque node.
     Inference only: no autograd formula is registered.
+``gated_rows_gemv(x, w, a, tau)``
+    ``where(|a| >= tau, a * (x @ w.T), 0)`` over neuron-major ``w`` (M, D): the
+    CATS baseline's up projection (``CladaConfig(mlp_criterion="gate")``), one
+    kept neuron's row read at a time; same dispatch rule as below.
 ``reference_sparse_gemv_t(x, wt, tau)``
     The pure-torch reference. Callers that must not depend on a compiled kernel
     (``CladaConfig(kernel="reference")``) call this instead of the op.
