@@ -186,6 +186,21 @@ def test_cli_needs_the_format_flag(tmp_path, capsys):
     assert "--onnx" in capsys.readouterr().err
 
 
+def test_cli_takes_every_clada_flag_it_lists(tmp_path, capsys):
+    """--sparsify, --input_active and --mlp_criterion reach the config (they were once ignored):
+    a bad or unexportable value is refused before anything is loaded or written."""
+    from clada_compile.cli.common import run_cli
+    from clada_compile.cli.export import main_impl
+
+    out = tmp_path / "x"
+    for flags, message in ((["--sparsify", "mlp_up"], "`sparsify` must be one of"),
+                           (["--input_active", "mlp_in=1.5"], "`input_active['mlp_in']` must be in (0, 1]"),
+                           (["--mlp_criterion", "gate"], "the ONNX export thresholds h")):
+        assert run_cli(main_impl, ["--onnx", "--model_path", "smollm2", "--output", str(out), *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
 # ---- loading errors -------------------------------------------------------------------------
 
 
