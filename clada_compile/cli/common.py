@@ -49,9 +49,9 @@ def add_clada_flags(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0)
 
 
-def config_from_args(args, **extra):
-    from clada_compile import CladaConfig
-
+def clada_kwargs(args) -> dict:
+    """CladaConfig keyword arguments from add_clada_flags' flags (every one of them: none is
+    ignored), the profile defaulting to the embedded model's shipped one."""
     fields = ("top_k_ratio", "min_active_neurons", "surprisal_threshold", "entropy_threshold", "update_window",
               "target_active", "profile", "schedule", "reselect", "kernel", "mlp_criterion", "seed")
     kw = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
@@ -65,6 +65,13 @@ def config_from_args(args, **extra):
         from clada_compile.calibrate import shipped_profile
 
         kw["profile"] = shipped_profile(args.model_path)  # the embedded model's own calibration
+    return kw
+
+
+def config_from_args(args, **extra):
+    from clada_compile import CladaConfig
+
+    kw = clada_kwargs(args)
     if getattr(args, "backend", "inductor") in ("inductor", "eager"):
         kw["backend"] = args.backend
     if getattr(args, "wrapper", None) is not None:

@@ -18,7 +18,7 @@ import sys
 import time
 
 from clada_compile.cli.checks import check_model, check_output_dir, check_profile, check_threads
-from clada_compile.cli.common import add_clada_flags, parse_fractions, run_cli
+from clada_compile.cli.common import add_clada_flags, clada_kwargs, run_cli
 
 
 def parser():
@@ -114,19 +114,7 @@ def main_impl(argv=None):
         raise ValueError(f"--block_size must be >= 1, got {args.block_size}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    fields = ("top_k_ratio", "min_active_neurons", "surprisal_threshold", "entropy_threshold", "update_window",
-              "target_active", "profile", "schedule", "reselect", "kernel", "mlp_criterion", "seed")
-    kw = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
-    if args.sparsify is not None:  # recorded as the runtime default, like every flag above
-        kw["sparsify"] = tuple(x.strip() for x in args.sparsify.split(",") if x.strip())
-    if args.input_active is not None:
-        kw["input_active"] = parse_fractions(args.input_active, "--input_active")
-    if kw.get("profile") == "none":
-        kw["profile"] = None
-    elif "profile" not in kw:
-        from clada_compile.calibrate import shipped_profile
-
-        kw["profile"] = shipped_profile(args.model_path)  # the embedded model's own calibration
+    kw = clada_kwargs(args)  # every clada flag, recorded as the export's runtime default
     config = CladaConfig(precision=args.precision, **kw)
     t0 = time.perf_counter()
     try:
