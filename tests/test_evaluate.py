@@ -17,6 +17,9 @@ CASES = [
     ("llama", dict(schedule="continuous", load_signal="surprisal", high_load_scale=0.5, low_load_scale=1.3)),
     ("llama", dict(schedule="clada", top_k_ratio=0.6, min_active_neurons=4)),
     ("opt", dict(schedule="clada", load_signal="entropy", high_load_scale=0.5, low_load_scale=1.3)),
+    # the CATS baseline: the kernels' single-row path (sequential) vs the masked per-token path (parallel)
+    ("llama", dict(schedule="clada", load_signal="both", high_load_scale=0.5, low_load_scale=1.3,
+                   mlp_criterion="gate")),
 ]
 
 

@@ -51,6 +51,9 @@ def main_impl(argv=None):
           f"{min(layer['rel_error'] for layer in prof['layers']):.3f}..{max(layer['rel_error'] for layer in prof['layers']):.3f}")
     for group, part in prof["inputs"].items():
         print(f"{group}: keeps {part['target_active']:.2f} of its input channels in every layer")
+    if "gate" in prof:
+        print(f"gate: thresholds on |act(gate)| keeping {prof['gate']['target_active']:.2f} of the neurons in every "
+              f"layer (the CATS baseline: --mlp_criterion gate)")
     print(f"wrote {out}")
     return 0
 
