@@ -118,22 +118,6 @@ def input_curve(x: torch.Tensor, extra: tuple = ()):
     return out
 
 
-def gate_curve(a: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, extra: tuple = ()):
-    """layer_curve for the CATS criterion: the fractions' taus are quantiles of |act(gate)| (a), the
-    error that of h with the neurons |a_j| < tau dropped (the same rows of a and h)."""
-    mags = a.abs().flatten().sort().values
-    a, h = a[:1024], h[:1024]
-    ref = h @ w_down.float().t()
-    ref_norm = ref.norm(dim=-1).clamp_min(1e-9)
-    curve = []
-    for f in sorted(set(FRACTIONS) | set(extra), reverse=True):
-        tau = 0.0 if f >= 1.0 else float(mags[min(int((1.0 - f) * mags.numel()), mags.numel() - 1)])
-        masked = torch.where(a.abs() >= tau, h, torch.zeros_like(h))
-        err = ((masked @ w_down.float().t() - ref).norm(dim=-1) / ref_norm).mean()
-        curve.append((f, tau, float(err)))
-    return curve
-
-
 def check_input_targets(input_targets) -> dict:
     """{group: kept fraction} for the input groups; a clear error for anything else."""
     from .config import INPUT_GROUPS
@@ -148,16 +132,19 @@ def check_input_targets(input_targets) -> dict:
     return dict(input_targets)
 
 
-def layer_curve(h: torch.Tensor, w_down: torch.Tensor, extra: tuple = ()):
-    """For each fraction in FRACTIONS (and `extra`): (fraction, tau, mean relative output error)."""
-    mags = h.abs().flatten().sort().values  # one sort; every quantile is then an index
-    h = h[:1024]  # the error estimate needs fewer rows than the quantiles
+def layer_curve(h: torch.Tensor, w_down: torch.Tensor, extra: tuple = (), by: torch.Tensor | None = None):
+    """For each fraction in FRACTIONS (and `extra`): (fraction, tau, mean relative output error).
+    by: the tensor whose magnitude decides which neurons are dropped (the same rows as h): h itself
+    (default), or act(gate) for mlp_criterion "gate" (CATS)."""
+    by = h if by is None else by
+    mags = by.abs().flatten().sort().values  # one sort; every quantile is then an index
+    h, by = h[:1024], by[:1024]  # the error estimate needs fewer rows than the quantiles
     ref = h @ w_down.float().t()
     ref_norm = ref.norm(dim=-1).clamp_min(1e-9)
     curve = []
     for f in sorted(set(FRACTIONS) | set(extra), reverse=True):
         tau = 0.0 if f >= 1.0 else float(mags[min(int((1.0 - f) * mags.numel()), mags.numel() - 1)])
-        masked = torch.where(h.abs() >= tau, h, torch.zeros_like(h))
+        masked = torch.where(by.abs() >= tau, h, torch.zeros_like(h))
         err = ((masked @ w_down.float().t() - ref).norm(dim=-1) / ref_norm).mean()
         curve.append((f, tau, float(err)))
     return curve
@@ -214,7 +201,7 @@ def calibrate(cm, token_ids: torch.Tensor, target_active: float = 0.5, error_bud
         target = round(target_active, 6)
         glayers = []
         for layer in range(cm.n_layers):
-            c = gate_curve(acts[("mlp_gate", layer)], acts[layer], cm.full[layer]["w_down"], (target,))
+            c = layer_curve(acts[layer], cm.full[layer]["w_down"], (target,), by=acts[("mlp_gate", layer)])
             f, tau, err = next(p for p in c if p[0] == target)
             glayers.append(dict(layer=layer, tau=tau, active_fraction=f, rel_error=err,
                                 curve=[dict(active_fraction=a, tau=t, rel_error=e) for a, t, e in c]))

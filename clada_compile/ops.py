@@ -103,9 +103,12 @@ def sparse_mlp(
     return sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl)
 
 
-@sparse_mlp.register_fake
-def _(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl):
+def _decode_mlp_fake(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl):
+    """Output shapes of the decode MLP ops (sparse_mlp, gate_sparse_mlp): (out, kept count)."""
     return x.new_empty((*x.shape[:-1], w_down_t.shape[1])), x.new_empty((), dtype=torch.float32)
+
+
+sparse_mlp.register_fake(_decode_mlp_fake)
 
 
 def sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act: str, impl: str):
@@ -145,9 +148,7 @@ def gate_sparse_mlp(
     return gate_sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl)
 
 
-@gate_sparse_mlp.register_fake
-def _(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act, impl):
-    return x.new_empty((*x.shape[:-1], w_down_t.shape[1])), x.new_empty((), dtype=torch.float32)
+gate_sparse_mlp.register_fake(_decode_mlp_fake)
 
 
 def gate_sparse_mlp_math(x, w_in, b_in, w_up, b_up, w_down_t, b_down, tau, act: str, impl: str):

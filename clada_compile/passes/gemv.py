@@ -232,37 +232,30 @@ def sparse_mlp_to_gemv(traced, quantize: bool = False) -> tuple[fx.GraphModule, 
             phs.insert(idx, new)
             return new
 
-        if cats:  # gate^T for the gate GEMV; w_up stays the neuron-major input it is
-            w_g_t = rename(w_in, f"clada.{layer}.w_g_t")
-            x0, tau_in = _unmask(x)
-            with g.inserting_before(node):
-                new = g.call_function(gemv_gate_mlp, (x0, w_g_t, w_up, w_down_t, b_down, tau,
-                                                      tau_in if tau_in is not None else _zero(gm), act))
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            g.erase_node(node)
-            del names[[n for n in g.nodes if n.op == "placeholder"].index(w_in)]
-            g.erase_node(w_in)
-            count += 1
-            continue
-        w_new = rename(w_in, f"clada.{layer}.{'w_gu_t' if gated else 'w_in_t'}")
-        scales = {}
-        if quantize:
-            scales = dict(s_gu=add_after(w_new, f"clada.{layer}.{'s_gu' if gated else 's_in'}"),
-                          s_down=add_after(w_down_t, f"clada.{layer}.s_down"))
-        b_new = None
-        if b_in is not None or b_up is not None:
-            b_new = rename(b_in if b_in is not None else b_up, f"clada.{layer}.{'b_gu' if gated else 'b_in'}")
         x0, tau_in = _unmask(x)
         if tau_in is None:
             tau_in = _zero(gm)
+        if cats:  # gate^T for the gate GEMV; w_up stays the neuron-major input it is
+            w_g_t = rename(w_in, f"clada.{layer}.w_g_t")
+            target, args, kwargs = gemv_gate_mlp, (x0, w_g_t, w_up, w_down_t, b_down, tau, tau_in, act), {}
+            dropped = (w_in,)
+        else:
+            w_new = rename(w_in, f"clada.{layer}.{'w_gu_t' if gated else 'w_in_t'}")
+            kwargs = {}
+            if quantize:
+                kwargs = dict(s_gu=add_after(w_new, f"clada.{layer}.{'s_gu' if gated else 's_in'}"),
+                              s_down=add_after(w_down_t, f"clada.{layer}.s_down"))
+            b_new = None
+            if b_in is not None or b_up is not None:
+                b_new = rename(b_in if b_in is not None else b_up, f"clada.{layer}.{'b_gu' if gated else 'b_in'}")
+            target, args = gemv_mlp, (x0, w_new, b_new, w_down_t, b_down, tau, tau_in, act, gated, impl)
+            dropped = (w_in, b_in, w_up, b_up)
         with g.inserting_before(node):
-            new = g.call_function(gemv_mlp, (x0, w_new, b_new, w_down_t, b_down, tau, tau_in, act, gated, impl),
-                                  scales)
+            new = g.call_function(target, args, kwargs)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         g.erase_node(node)
-        for old in (w_in, b_in, w_up, b_up):
+        for old in dropped:
             if old is not None:
                 del names[[n for n in g.nodes if n.op == "placeholder"].index(old)]
                 g.erase_node(old)

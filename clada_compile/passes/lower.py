@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..config import MLP_CRITERIA
 from ..ops import INPUT_GROUPS, threshold_input
 from ._match import sites
 from .projections import attention_projections, threshold_attention_inputs, threshold_head_input
@@ -101,9 +102,6 @@ def lower_prefill(traced, n_layers: int, arch: str):
     out_node.args = (tuple(out_node.args[0]) + tuple(scores),)
     traced.output_names += [f"clada.scores.{s.layer}" for s in traced.sites]
     return gm, len(found)
-
-
-MLP_CRITERIA = ("h", "gate")
 
 
 def lower_decode(traced, n_layers: int, arch: str, impl: str, criterion: str = "h"):
