@@ -193,3 +193,26 @@ def test_read_bandwidth_rejects_a_probe_that_reads_nothing(kw, msg):
 
     with pytest.raises(ValueError, match=msg):
         roofline.read_bandwidth(**kw)
+
+
+def test_paired_ratios_pair_rounds_and_clada_engines_with_their_dense_engine():
+    """Worked by hand: rounds (10, 20, 40) against llama.cpp's (10, 10, 50): round ratios 1.0, 2.0,
+    0.8 -> paired 1.0, while the medians give 20 / 10 = 2.0x; clada-bf16 against clada-dense-bf16
+    (20, 20, 30) -> round ratios 0.5, 1.0, 1.33 -> paired 1.0, medians 20 / 20."""
+    def row(rounds, precision):
+        return dict(tok_s=sorted(rounds)[1], rounds=rounds, precision=precision, active_fraction=None, gb_per_s=1.0)
+
+    engines = {"llama.cpp-bf16": row([10.0, 10.0, 50.0], "bf16"), "clada-bf16": row([10.0, 20.0, 40.0], "bf16"),
+               "clada-dense-bf16": row([20.0, 20.0, 30.0], "bf16"), "clada-fp32": row([1.0, 2.0, 3.0], "fp32"),
+               "clada-dense-fp32": dict(precision="fp32", skipped="because")}
+    cmp.add_ratios(engines)
+    c = engines["clada-bf16"]
+    assert c["vs_reference"] == pytest.approx(2.0) and c["vs_reference_paired"] == pytest.approx(1.0)
+    assert c["vs_dense"] == pytest.approx(1.0) and c["vs_dense_paired"] == pytest.approx(1.0)
+    assert engines["clada-dense-bf16"]["vs_dense"] is None  # a dense engine has no dense engine to compare with
+    assert engines["clada-fp32"]["vs_reference"] is None and engines["clada-fp32"]["vs_dense"] is None  # not measured
+    report = dict(rounds=3, prompt_tokens=256, new_tokens=128, threads=2, engines=engines)
+    lines = {line.split(" | ")[0][2:]: line for line in cmp.format_table(report).splitlines() if line.startswith("| ")}
+    assert "| 2.00x (llama.cpp-bf16) | 1.00x | 1.00x (1.00x) |" in lines["clada-bf16"]
+    assert "| n/a (llama.cpp-f32 not run) | - | - |" in lines["clada-fp32"]
+    assert cmp.paired_ratio([1.0, 2.0], [1.0]) is None  # rounds that do not pair are not paired

@@ -50,6 +50,11 @@ Roofline: after every measured round the machine's read bandwidth is probed (roo
 (machine.read_gb_per_s_rounds each one), and each engine's read_fraction = its GB/s / that median,
 the "% of read" column: on a shared VM the bound itself moves by tens of percent between days.
 
+Ratios (each engine's vs_reference / vs_dense in the JSON, the table's columns): the ratio of the two
+medians, and "paired", the median over rounds of the ratio of the two engines' tok/s in the same
+round. Within a round the engines run back to back, so the paired figure cancels the drift between
+rounds that the ratio of medians can pair badly (one engine's fast round against the other's slow one).
+
 llama.cpp runs with its defaults otherwise (among them an f16 KV cache, where ours is fp32/bf16).
 """
 
@@ -535,6 +540,7 @@ def compare(model_path: str = "smollm2", engines=None, text=None, prompt_tokens:
                              active_fraction=af, gb_per_s=gb_per_s, weight_bytes_per_token=int(wbytes),
                              read_fraction=gb_per_s / roof,
                              prefill_s=statistics.median(m["prefill_s"] for m in runs), **runner.info)
+    add_ratios(results)
     info = machine()
     info["threads"] = threads
     info["read_gb_per_s"] = roof
@@ -550,25 +556,65 @@ def reference_of(name: str, precision: str | None) -> str | None:
     return REFERENCE.get(precision or "")
 
 
+def dense_of(name: str) -> str | None:
+    """The dense engine a CLADA engine is compared with: clada-bf16 -> clada-dense-bf16."""
+    if name.startswith("clada-") and not name.startswith("clada-dense-"):
+        return "clada-dense-" + name[len("clada-"):]
+    return None
+
+
+def paired_ratio(a: list, b: list) -> float | None:
+    """Median over rounds of a[i] / b[i]: both engines ran in round i, back to back, so the
+    machine's drift between rounds (tens of percent on this VM) cancels in each ratio, where the
+    ratio of the two medians may pair a fast round of one engine with a slow round of the other."""
+    if not a or not b or len(a) != len(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def add_ratios(engines: dict) -> None:
+    """Each measured engine's ratios, in place: vs_reference (median tok/s over the reference's, the
+    reference being llama.cpp at the same precision, reference_of) and vs_reference_paired, and for a
+    CLADA engine vs_dense / vs_dense_paired against clada-dense at its precision. None where the
+    other engine was not measured."""
+    for name, r in engines.items():
+        if "skipped" in r:
+            continue
+        for key, other in (("vs_reference", reference_of(name, r["precision"])), ("vs_dense", dense_of(name))):
+            o = engines.get(other) if other else None
+            ok = o is not None and "skipped" not in o
+            r[key] = r["tok_s"] / o["tok_s"] if ok else None
+            r[key + "_paired"] = paired_ratio(r.get("rounds"), o.get("rounds")) if ok else None
+
+
 def format_table(report: dict) -> str:
-    eng = report["engines"]
-    lines = ["| engine | precision | tok/s | vs llama.cpp | GB/s | % of read | active frac. |",
-             "|---|---|---|---|---|---|---|"]
+    eng = {name: dict(r) for name, r in report["engines"].items()}
+    add_ratios(eng)  # also for reports written before the ratios were stored
+    lines = ["| engine | precision | tok/s | vs llama.cpp | paired | CLADA vs dense (paired) | GB/s | % of read "
+             "| active frac. |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def x(v):
+        return "-" if v is None else f"{v:.2f}x"
     for name, r in eng.items():
         if "skipped" in r:
-            lines.append(f"| {name} | {r.get('precision') or '-'} | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {name} | {r.get('precision') or '-'} | skipped: {r['skipped']} | | | | | | |")
             continue
         ref = reference_of(name, r["precision"])
-        base = eng.get(ref, {}).get("tok_s") if ref else None
-        ratio = f"{r['tok_s'] / base:.2f}x ({ref})" if base else (f"n/a ({ref} not run)" if ref else "n/a")
+        if r["vs_reference"] is not None:
+            ratio = f"{r['vs_reference']:.2f}x ({ref})"
+        else:
+            ratio = f"n/a ({ref} not run)" if ref else "n/a"
+        dense = "-" if r["vs_dense"] is None else f"{r['vs_dense']:.2f}x ({x(r['vs_dense_paired'])})"
         af = "-" if r["active_fraction"] is None else f"{r['active_fraction']:.3f}"
         frac = f"{100 * r['read_fraction']:.0f}%" if r.get("read_fraction") is not None else "-"
-        lines.append(f"| {name} | {r['precision']} | {r['tok_s']:.2f} | {ratio} | {r['gb_per_s']:.2f} | {frac} | {af} |")
+        lines.append(f"| {name} | {r['precision']} | {r['tok_s']:.2f} | {ratio} | {x(r['vs_reference_paired'])} | "
+                     f"{dense} | {r['gb_per_s']:.2f} | {frac} | {af} |")
     roof = (report.get("machine") or {}).get("read_gb_per_s")  # absent in reports made before the probe
     read = f"; % of read = GB/s / the machine's read bandwidth, {roof:.1f} GB/s (median over rounds)" if roof else ""
     lines.append(f"(decode tok/s, prefill excluded: median of {report['rounds']} interleaved rounds after a warm-up "
                  f"round; {report['prompt_tokens']} prompt + {report['new_tokens']} new tokens, greedy; "
-                 f"{report['threads']} threads; GB/s = weight bytes read per decode token x tok/s{read})")
+                 f"{report['threads']} threads; ratios: of the medians, paired = median over rounds of the ratio "
+                 f"within a round; GB/s = weight bytes read per decode token x tok/s{read})")
     return "\n".join(lines)
 
 
