@@ -38,6 +38,13 @@ def test_unknown_engine_name_exits_2_listing_the_valid_engines_before_loading_an
     assert all(name in err for name in cmp.ENGINES)
 
 
+def test_plot_that_is_not_a_png_is_refused_before_loading_anything():
+    from clada_compile.cli.bench import main_impl
+
+    with pytest.raises(ValueError, match="`--plot` must be a .png file, got 'r.jpg'"):
+        main_impl(["--compare", "--model_path", "/nonexistent/model", "--plot", "r.jpg"])
+
+
 def test_parse_engines_keeps_order_drops_duplicates_and_defaults_to_all():
     assert cmp.parse_engines("hf-eager, clada-fp32,hf-eager") == ["hf-eager", "clada-fp32"]
     assert cmp.parse_engines(None) == list(cmp.ENGINES)
@@ -68,9 +75,10 @@ def test_json_report_of_one_round_holds_the_measured_engines_in_the_documented_s
     out = tmp_path / "sub" / "r.json"
     assert main_impl(["--compare", "--model_path", str(tiny_dir), "--text", str(text), "--prompt_tokens", "16",
                       "--new_tokens", "8", "--rounds", "1", "--backend", "eager",
-                      "--engines", "clada-dense-fp32,hf-eager", "--json", str(out)]) == 0
+                      "--engines", "clada-dense-fp32,hf-eager", "--json", str(out), "--plot", str(out.parent / "r.png")]) == 0
     r = json.loads(out.read_text())
-    assert [p.name for p in out.parent.iterdir()] == ["r.json"]  # the atomic write left no temporary
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.json", "r.png"]  # the atomic writes left no temporary
+    assert (out.parent / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert r["model"] == str(tiny_dir) and r["prompt_tokens"] == 16 and r["new_tokens"] == 8
     assert {"cpu", "torch", "transformers"} <= set(r["machine"])
     assert len(r["machine"]["read_gb_per_s_rounds"]) == 1 and r["machine"]["read_gb_per_s"] > 0
@@ -88,6 +96,8 @@ def test_json_report_of_one_round_holds_the_measured_engines_in_the_documented_s
         assert e["precision"] == "fp32"
         assert e["weight_bytes_per_token"] == expected[name]
         assert e["read_fraction"] == pytest.approx(e["gb_per_s"] / r["machine"]["read_gb_per_s"])
+    assert r["engines"]["clada-dense-fp32"]["vs_dense"] is None  # no llama.cpp, no sparse engine measured
+    assert r["engines"]["hf-eager"]["vs_reference"] is None and r["engines"]["hf-eager"]["vs_reference_paired"] is None
     assert r["engines"]["clada-dense-fp32"]["active_fraction"] == 1.0
     assert r["engines"]["hf-eager"]["active_fraction"] is None
     table = capsys.readouterr().out

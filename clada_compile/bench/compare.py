@@ -637,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="inductor", choices=["inductor", "eager"],
                    help="torch backend of the clada-* engines (eager: no compilation, for quick checks)")
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--plot", default=None, help="draw each engine's median and rounds to this PNG (needs matplotlib)")
     return p
 
 
@@ -646,6 +647,13 @@ def main_compare(argv) -> int:
 
     if args.json:  # before the engines are built (minutes): a bad path is found now
         check_output_file(args.json, "--json")
+    if args.plot:
+        from .plots import require_matplotlib
+
+        if Path(args.plot).suffix.lower() != ".png":
+            raise ValueError(f"`--plot` must be a .png file, got {args.plot!r}")
+        check_output_file(args.plot, "--plot")
+        require_matplotlib("--plot")
     if args.text:
         check_input_file(args.text, "--text")
     report = compare(args.model_path, args.engines, args.text, args.prompt_tokens, args.new_tokens, args.rounds,
@@ -654,4 +662,12 @@ def main_compare(argv) -> int:
     if args.json:
         write_json(args.json, report)
         print(f"wrote {args.json}")
+    if args.plot:
+        from .plots import plot_compare
+
+        roof = report["machine"].get("read_gb_per_s")
+        plot_compare(report, args.plot, title=f"{report['model']}: decode tok/s, {report['threads']} threads, "
+                     f"{report['prompt_tokens']} + {report['new_tokens']} tokens"
+                     + (f", read probe {roof:.0f} GB/s" if roof else ""))
+        print(f"wrote {args.plot}")
     return 0

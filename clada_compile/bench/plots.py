@@ -96,3 +96,25 @@ def plot_frontier(curves: dict[str, list[tuple]], path, title: str = "") -> Path
     ax.set_xlabel("perplexity increase vs dense (%, linear below 2, log above)")
     ax.set_ylabel("decode speedup vs dense (x)")
     return save_figure(fig, ax, path, title, legend_size=8)
+
+
+def plot_compare(report: dict, path, title: str = "") -> Path:
+    """clada-bench --compare's report: each measured engine's decode tok/s, one bar at the median
+    and a dot per round (the spread the table's medians hide), grouped by precision as listed."""
+    plt = _plt()
+    rows = [(name, r) for name, r in report["engines"].items() if "skipped" not in r]
+    if not rows:
+        raise ValueError("the report has no measured engine to plot (every engine was skipped)")
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(rows) + 1.4))
+    colors = {"llama.cpp": "tab:gray", "clada-dense": "tab:blue", "clada": "tab:orange"}
+    for i, (name, r) in enumerate(rows):
+        kind = "llama.cpp" if name.startswith("llama.cpp") else "clada-dense" if name.startswith("clada-dense") else \
+            "clada" if name.startswith("clada") else "other"
+        color = colors.get(kind, "tab:green")
+        ax.barh(i, r["tok_s"], color=color, alpha=0.55, label=kind if kind not in ax.get_legend_handles_labels()[1] else None)
+        ax.plot(r["rounds"], [i] * len(r["rounds"]), "k.", ms=4)
+        ax.text(0, i, f" {r['tok_s']:.1f}", va="center", fontsize=7)  # inside the bar, clear of the dots
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"decode tok/s (bar: median of {report['rounds']} rounds; dots: each round)")
+    return save_figure(fig, ax, path, title, legend_size=7)
