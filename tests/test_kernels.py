@@ -423,8 +423,25 @@ def test_bench_smoke():
     assert (row["K"], row["N"], row["active_fraction"], row["dtype"], row["matrices"]) == (64, 96, 0.5, "float32", 5)
     assert len(row["dense_ms"]) == len(row["sparse_ms"]) == 3
     assert abs(row["realized_fraction"] - 0.5) < 0.05 and dense_gemv["realized_fraction"] == 1.0
+    assert dense_gemv["vs_all_rows"] == 1.0
+    assert row["vs_all_rows"] == row["sparse_ms_median"] / dense_gemv["sparse_ms_median"]
     table = format_table(rows)
     assert table.count("\n") == 3 and "| 64 | 96 | float32 | 50% | 5 |" in table
+    assert table.splitlines()[-1].endswith(f"| {row['vs_all_rows']:.2f} |")
+    assert run_kernel_bench(shapes=((64, 96),), fractions=(0.5,), threads=1, repeats=1,
+                            working_set_mb=0.01)[0]["vs_all_rows"] is None  # no all-rows run to compare with
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--shapes", "576x"], "`--shapes` entries must be KxN with positive integers, e.g. 576x1536, got '576x'"),
+    (["--shapes", "0x8"], "got '0x8'"),
+    (["--fractions", "1,1.5"], "`--fractions` entries must be in \\(0, 1\\], got 1.5"),
+])
+def test_bench_cli_rejects_bad_shapes_and_fractions(args, msg):
+    from clada_compile.cli.bench import main_impl
+
+    with pytest.raises(ValueError, match=msg):
+        main_impl(["kernels", *args])
 
 
 def test_bf16_output_rounds_like_torch_bit_for_bit(kernel_calls):

@@ -75,16 +75,36 @@ def bench_kernel_ab(engine, prompt_ids, new_tokens: int, repeats: int):
 
 
 def main_kernels(argv):
+    from clada_compile.bench.kernels import DEFAULT_SHAPES
+
     p = argparse.ArgumentParser(prog="clada-bench kernels")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in DEFAULT_SHAPES),
+                   help="W^T shapes KxN, comma-separated (K input channels = rows, N outputs = row length)")
+    p.add_argument("--fractions", default="1,0.5,0.3", help="kept fractions of the rows; 1 = every row (tau = 0)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     check_threads(args.threads)
+    shapes = []
+    for item in args.shapes.split(","):
+        try:
+            k, n = (int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"`--shapes` entries must be KxN with positive integers, e.g. 576x1536, got {item!r}") from None
+        if k < 1 or n < 1:
+            raise ValueError(f"`--shapes` entries must be KxN with positive integers, e.g. 576x1536, got {item!r}")
+        shapes.append((k, n))
+    fractions = _floats(args.fractions, "--fractions")
+    for f in fractions:
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"`--fractions` entries must be in (0, 1], got {f}")
     if args.json:
         check_output_file(args.json, "--json")
     from clada_compile.bench.kernels import format_table, run_kernel_bench
 
-    rows = run_kernel_bench(threads=args.threads)
+    rows = run_kernel_bench(shapes=tuple(shapes), fractions=tuple(fractions), threads=args.threads,
+                            dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     print(format_table(rows))
     if args.json:
         atomic_write_json(args.json, dict(machine=machine(), rows=rows))
