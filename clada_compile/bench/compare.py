@@ -79,6 +79,7 @@ import torch
 from clada_compile.io import atomic_write_json
 
 from .roofline import read_bandwidth
+from .timing import paired_ratio
 
 ENGINES = ("llama.cpp-f32", "llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-gguf", "ort-fp32", "hf-eager",
            "hf-static-compile", "clada-dense-fp32", "clada-fp32", "clada-dense-bf16", "clada-bf16",
@@ -561,15 +562,6 @@ def dense_of(name: str) -> str | None:
     if name.startswith("clada-") and not name.startswith("clada-dense-"):
         return "clada-dense-" + name[len("clada-"):]
     return None
-
-
-def paired_ratio(a: list, b: list) -> float | None:
-    """Median over rounds of a[i] / b[i]: both engines ran in round i, back to back, so the
-    machine's drift between rounds (tens of percent on this VM) cancels in each ratio, where the
-    ratio of the two medians may pair a fast round of one engine with a slow round of the other."""
-    if not a or not b or len(a) != len(b):
-        return None
-    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def add_ratios(engines: dict) -> None:

@@ -106,12 +106,13 @@ def plot_compare(report: dict, path, title: str = "") -> Path:
     if not rows:
         raise ValueError("the report has no measured engine to plot (every engine was skipped)")
     fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(rows) + 1.4))
-    colors = {"llama.cpp": "tab:gray", "clada-dense": "tab:blue", "clada": "tab:orange"}
+    kinds = (("llama.cpp", "tab:gray"), ("clada-dense", "tab:blue"), ("clada", "tab:orange"), ("", "tab:green"))
+    labelled = set()
     for i, (name, r) in enumerate(rows):
-        kind = "llama.cpp" if name.startswith("llama.cpp") else "clada-dense" if name.startswith("clada-dense") else \
-            "clada" if name.startswith("clada") else "other"
-        color = colors.get(kind, "tab:green")
-        ax.barh(i, r["tok_s"], color=color, alpha=0.55, label=kind if kind not in ax.get_legend_handles_labels()[1] else None)
+        kind, color = next(k for k in kinds if name.startswith(k[0]))  # first matching prefix; "" = other engines
+        kind = kind or "other"
+        ax.barh(i, r["tok_s"], color=color, alpha=0.55, label=None if kind in labelled else kind)
+        labelled.add(kind)
         ax.plot(r["rounds"], [i] * len(r["rounds"]), "k.", ms=4)
         ax.text(0, i, f" {r['tok_s']:.1f}", va="center", fontsize=7)  # inside the bar, clear of the dots
     ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=8)

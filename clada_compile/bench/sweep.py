@@ -22,14 +22,12 @@ Methods (the issue's baselines):
 
 from __future__ import annotations
 
-import statistics
-
 from tqdm.auto import tqdm
 
 from ..config import CladaConfig
 from ..evaluate import score
 from ..metrics import bootstrap_ratio
-from .timing import time_engines
+from .timing import paired_ratio, time_engines
 
 METHODS = ("griffin", "paper", "calibrated", "inputs", "cats")
 
@@ -88,10 +86,8 @@ def run_sweep(cm, points, wins, prompt_ids, new_tokens: int, repeats: int):
     d = timing["dense"]["median"]
     for i, row in enumerate(rows):
         t = timing[f"p{i}"]
-        # paired: the median over rounds of (point / dense in the same round), less exposed to the
-        # machine's drift between rounds than the ratio of the two medians
-        paired = statistics.median(p / q for p, q in zip(t["raw"], timing["dense"]["raw"]))
-        row.update(tokens_per_s=t["median"], speedup=t["median"] / d, paired_speedup=paired, raw_tokens_per_s=t["raw"],
+        row.update(tokens_per_s=t["median"], speedup=t["median"] / d, raw_tokens_per_s=t["raw"],
+                   paired_speedup=paired_ratio(t["raw"], timing["dense"]["raw"]),
                    decode_active_fraction=t["active_fraction"])
     return dict(dense_tokens_per_s=d, dense_raw_tokens_per_s=timing["dense"]["raw"], points=rows)
 

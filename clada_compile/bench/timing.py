@@ -7,9 +7,19 @@ drifts of the machine (thermal, other processes) hit all of them alike; the warm
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from ..metrics import interleaved
+
+
+def paired_ratio(a: list, b: list) -> float | None:
+    """Median over rounds of a[i] / b[i]: both engines ran in round i, back to back, so the
+    machine's drift between rounds (tens of percent on this VM) cancels in each ratio, where the
+    ratio of the two medians may pair a fast round of one engine with a slow round of the other."""
+    if not a or not b or len(a) != len(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def time_engines(engines: dict, prompt_ids, new_tokens: int, repeats: int, warmup: int = 1) -> dict:

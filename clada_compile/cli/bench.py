@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import resource
 import sys
 from pathlib import Path
@@ -88,13 +89,10 @@ def main_kernels(argv):
     check_threads(args.threads)
     shapes = []
     for item in args.shapes.split(","):
-        try:
-            k, n = (int(v) for v in item.strip().lower().split("x"))
-        except ValueError:
-            raise ValueError(f"`--shapes` entries must be KxN with positive integers, e.g. 576x1536, got {item!r}") from None
-        if k < 1 or n < 1:
+        m = re.fullmatch(r"\s*([1-9]\d*)[xX]([1-9]\d*)\s*", item)
+        if m is None:
             raise ValueError(f"`--shapes` entries must be KxN with positive integers, e.g. 576x1536, got {item!r}")
-        shapes.append((k, n))
+        shapes.append((int(m[1]), int(m[2])))
     fractions = _floats(args.fractions, "--fractions")
     for f in fractions:
         if not 0.0 < f <= 1.0:
